@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make train` and `make test`. Both create or reuse .venv and install what they need.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+ARGS ?=
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.olm-installed
+
+.PHONY: install train test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Reinstall when the package metadata changes; torch is installed first so an existing build is kept.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,hf]"
+	touch $@
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/olm-train $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache outputs multirun

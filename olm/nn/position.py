@@ -1,0 +1,141 @@
+"""Registered position encodings.
+
+Each class says where it acts through ``applies_to``:
+- ``"attention"``: rotary embeddings rotate queries and keys (``rotate``); ALiBi adds a bias to scores (``bias``);
+- ``"embedding"``: a learned absolute table added to the token embeddings (``forward``);
+- ``"none"``: no position information at all (attention is then permutation-equivariant apart from the mask).
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from olm.nn.structure import Block
+from olm.registry import ConfigError, register, where
+
+
+def _rope_inverse_frequencies(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("type", "llama3")
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind != "llama3":
+        raise ConfigError(f"{where('scaling.type')}={kind!r} is not supported; known: llama3, linear")
+    # Llama 3.1+ "frequency-dependent" scaling: long wavelengths are slowed by `factor`, short ones kept, and the
+    # band between low_freq_factor and high_freq_factor is interpolated smoothly.
+    factor = float(scaling["factor"])
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    original = float(scaling["original_max_seq_len"])
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low)
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    middle = (wavelength <= original / low) & (wavelength >= original / high)
+    return torch.where(middle, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+@register("position", "rope")
+class RotaryEmbedding(Block):
+    """Rotary position embedding (rotate-half layout, as in Llama/GPT-NeoX); optional Llama-3 or linear scaling."""
+
+    applies_to = "attention"
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_seq_len: int,
+        base: float = 10000.0,
+        scaling: dict | None = None,
+        rotary_dim: int | None = None,
+    ):
+        super().__init__()
+        self.rotary_dim = rotary_dim or head_dim
+        if self.rotary_dim % 2 or self.rotary_dim > head_dim:
+            raise ConfigError(f"{where('rotary_dim')}={self.rotary_dim} must be even and at most head_dim={head_dim}")
+        inv_freq = _rope_inverse_frequencies(self.rotary_dim, base, scaling)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (T, rotary_dim/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, rotary_dim)
+        # Not persistent: derived from the config, so checkpoints stay small and never disagree with it.
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the tables in fp32 when the model is cast to bf16: rounding angles hurts long positions.
+        cos, sin = self.cos, self.sin
+        out = super()._apply(fn, recurse)
+        self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+        return out
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: (B, H, T, hd), k: (B, KV, T, hd)
+        T = q.shape[-2]
+        cos = self.cos[offset : offset + T]
+        sin = self.sin[offset : offset + T]
+        return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    rot, keep = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated_half = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    out = (rot.float() * cos + rotated_half.float() * sin).to(x.dtype)
+    return torch.cat([out, keep], dim=-1) if keep.shape[-1] else out
+
+
+@register("position", "learned")
+class LearnedPosition(Block):
+    """Learned absolute position table added to token embeddings (GPT-2); ``offset`` shifts indices (OPT uses 2)."""
+
+    applies_to = "embedding"
+    is_position_table = True
+
+    def __init__(self, embed_dim: int, max_seq_len: int, offset: int = 0):
+        super().__init__()
+        self.offset = offset
+        self.table = nn.Embedding(max_seq_len + offset, embed_dim)
+
+    def forward(self, seq_len: int, start: int = 0) -> torch.Tensor:
+        positions = torch.arange(start + self.offset, start + self.offset + seq_len, device=self.table.weight.device)
+        return self.table(positions)  # (T, C)
+
+
+@register("position", "alibi")
+class ALiBi(Block):
+    """Attention with linear biases (Press et al. 2022): a per-head penalty proportional to the distance."""
+
+    applies_to = "attention"
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.register_buffer("slopes", self._slopes(num_heads), persistent=False)  # (H,)
+
+    @staticmethod
+    def _slopes(num_heads: int) -> torch.Tensor:
+        # Geometric sequence from the paper; for non powers of two, interleave the next power's slopes.
+        def power_of_two(n):
+            start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+            return [start**i for i in range(1, n + 1)]
+
+        closest = 2 ** math.floor(math.log2(num_heads))
+        slopes = power_of_two(closest)
+        if closest != num_heads:
+            slopes += power_of_two(2 * closest)[0::2][: num_heads - closest]
+        return torch.tensor(slopes, dtype=torch.float32)
+
+    def bias(self, q_len: int, k_len: int, offset: int, device, dtype) -> torch.Tensor:
+        query_pos = torch.arange(offset, offset + q_len, device=device)[:, None]
+        key_pos = torch.arange(k_len, device=device)[None, :]
+        distance = (key_pos - query_pos).abs().to(torch.float32)  # symmetric, so bidirectional use is defined too
+        return (-self.slopes.to(device)[:, None, None] * distance).to(dtype)  # (H, Tq, Tk)
+
+
+@register("position", "none")
+class NoPosition(Block):
+    """No position encoding (NoPE): causal masking alone carries order information."""
+
+    applies_to = "none"
+
+    def __init__(self):
+        super().__init__()

@@ -1,0 +1,272 @@
+"""The component registry: the one source of truth for which blocks exist and which parameters they take.
+
+Blocks register themselves by kind and name::
+
+    @register("norm", "rmsnorm")
+    class RMSNorm(Block): ...
+
+and configs pick them by name, either as a string (``norm: rmsnorm``) or as a mapping with a ``name`` key and
+parameters (``attention: {name: gqa, num_kv_heads: 2}``). Parameters are checked against the registered class's
+signature before anything is built, so a typo fails at once with a one-line error naming the config path, the bad
+value, the closest valid name and the valid ones.
+
+Third-party packages add components without forking olm through the entry point group ``olm.components`` (each entry
+point names a module to import) or by listing modules under ``imports:`` in a model config.
+
+This module imports nothing of olm.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import difflib
+import importlib
+import inspect
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+ENTRY_POINT_GROUP = "olm.components"
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported as one line that names the config path and the allowed values."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any  # inspect.Parameter.empty when required
+    annotation: Any
+    keyword_only: bool
+
+    @property
+    def required(self) -> bool:
+        return self.default is inspect.Parameter.empty
+
+
+@dataclass
+class Entry:
+    kind: str
+    name: str
+    cls: Callable
+    doc: str
+    params: dict[str, Param] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, dict[str, Entry]] = {}
+_plugins_loaded = False
+# The config path of the component being built, so nested builds and errors name the full path (model.attention).
+_current_path: contextvars.ContextVar[str] = contextvars.ContextVar("olm_config_path", default="")
+
+
+def where(key: str) -> str:
+    """``key`` prefixed with the config path of the component under construction (for error messages)."""
+    prefix = _current_path.get()
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _first_doc_line(obj: Any) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _signature_params(cls: Callable) -> dict[str, Param]:
+    sig = inspect.signature(cls)
+    params = {}
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        params[p.name] = Param(p.name, p.default, p.annotation, p.kind == p.KEYWORD_ONLY)
+    return params
+
+
+def register(kind: str, name: str) -> Callable:
+    """Class decorator: make ``cls`` buildable from configs as ``kind`` / ``name``.
+
+    Registering a second, different class under a taken name raises: two plugins silently shadowing each other
+    would make results depend on import order.
+    """
+
+    def decorator(cls):
+        entries = _REGISTRY.setdefault(kind, {})
+        old = entries.get(name)
+        if old is not None and (old.cls.__module__, old.cls.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ConfigError(
+                f"{kind} {name!r} is already registered by {old.cls.__module__}.{old.cls.__qualname__}; "
+                f"{cls.__module__}.{cls.__qualname__} must use another name"
+            )
+        entries[name] = Entry(kind, name, cls, _first_doc_line(cls), _signature_params(cls))
+        # Several names may share a class (gqa / mqa); the first registration is the class's canonical name.
+        if "component_name" not in cls.__dict__:
+            cls.component_kind, cls.component_name = kind, name
+        return cls
+
+    return decorator
+
+
+def load_plugins() -> None:
+    """Import olm's own components and every module named by the ``olm.components`` entry point group (once)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    importlib.import_module("olm.nn")
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # a broken plugin must say which one it is
+            raise ConfigError(f"entry point {ENTRY_POINT_GROUP}:{ep.name} = {ep.value!r} failed to import: {exc}") from exc
+
+
+def import_modules(modules: Iterable[str], path: str = "imports") -> None:
+    """Import the modules a config lists under ``imports:`` so their components register."""
+    for i, module in enumerate(modules):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"{path}[{i}]={module!r} cannot be imported: {exc}") from exc
+
+
+def kinds() -> list[str]:
+    load_plugins()
+    return sorted(_REGISTRY)
+
+
+def names(kind: str) -> list[str]:
+    load_plugins()
+    return sorted(_REGISTRY.get(kind, {}))
+
+
+def _suggest(value: str, valid: Iterable[str]) -> str:
+    valid = list(valid)
+    close = difflib.get_close_matches(str(value), valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} known: {', '.join(valid) if valid else '(none)'}"
+
+
+def get(kind: str, name: str, path: str | None = None) -> Entry:
+    """The registry entry for ``kind``/``name``, or a ConfigError naming ``path`` and the valid names."""
+    load_plugins()
+    where = path or kind
+    if kind not in _REGISTRY:
+        raise ConfigError(f"component kind {kind!r} is not known" + _suggest(kind, sorted(_REGISTRY)))
+    if not isinstance(name, str) or name not in _REGISTRY[kind]:
+        raise ConfigError(f"{where}={name!r} is not a registered {kind}" + _suggest(name, sorted(_REGISTRY[kind])))
+    return _REGISTRY[kind][name]
+
+
+def entries(kind: str | None = None) -> list[Entry]:
+    load_plugins()
+    selected = [kind] if kind else sorted(_REGISTRY)
+    if kind and kind not in _REGISTRY:
+        raise ConfigError(f"component kind {kind!r} is not known" + _suggest(kind, sorted(_REGISTRY)))
+    return [_REGISTRY[k][n] for k in selected for n in sorted(_REGISTRY[k])]
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists, so configs and saved JSON hold only primitives."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # olm.nn works without the config stack
+        return value
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def split_spec(spec: Any, path: str, default_name: str | None = None) -> tuple[str, dict[str, Any]]:
+    """A component choice (``"rmsnorm"`` or ``{name: rmsnorm, eps: 1e-6}``) -> (name, params)."""
+    spec = _plain(spec)
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, Mapping):
+        # null means "not set": the component's own default (or the enclosing block's) applies
+        params = {k: v for k, v in spec.items() if v is not None}
+        name = params.pop("name", default_name)
+        if name is None:
+            raise ConfigError(f"{path} needs a 'name' key (got keys: {', '.join(map(str, spec)) or 'none'})")
+        return name, params
+    raise ConfigError(f"{path}={spec!r} must be a component name or a mapping with a 'name' key")
+
+
+_CHECKABLE = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_type(value: Any, annotation: Any, path: str) -> Any:
+    """Reject values of the wrong basic type (a string for an int, say); ints are accepted where floats are."""
+    ann = annotation
+    if isinstance(ann, str):  # postponed annotations: "int", "float | None", ...
+        ann = {"int": int, "float": float, "bool": bool, "str": str}.get(ann.replace(" | None", ""))
+    elif isinstance(ann, types.UnionType):
+        args = [a for a in ann.__args__ if a is not type(None)]
+        ann = args[0] if len(args) == 1 else None
+    if ann not in _CHECKABLE or value is None:
+        return value
+    ok = (
+        (ann is bool and isinstance(value, bool))
+        or (ann is int and isinstance(value, int) and not isinstance(value, bool))
+        or (ann is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (ann is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(f"{path}={value!r} must be {_CHECKABLE[ann]}")
+    return float(value) if ann is float else value
+
+
+def check_params(entry: Entry, params: Mapping[str, Any], path: str, provided: Iterable[str] = ()) -> dict[str, Any]:
+    """Validate config ``params`` against the signature of ``entry``; ``provided`` are set by the parent block."""
+    provided = set(provided)
+    checked = {}
+    settable = [n for n in entry.params if n not in provided]
+    for key, value in params.items():
+        if key in provided:
+            raise ConfigError(
+                f"{path}.{key} is set by the enclosing block and cannot be given here; settable: {', '.join(settable)}"
+            )
+        if key not in entry.params:
+            raise ConfigError(
+                f"{path}.{key} is not a parameter of {entry.kind} {entry.name!r}" + _suggest(key, settable)
+            )
+        checked[key] = _check_type(_plain(value), entry.params[key].annotation, f"{path}.{key}")
+    missing = [p.name for p in entry.params.values() if p.required and p.name not in checked and p.name not in provided]
+    if missing:
+        raise ConfigError(f"{path} ({entry.kind} {entry.name!r}) is missing required parameter(s): {', '.join(missing)}")
+    return checked
+
+
+def build(kind: str, spec: Any, path: str | None = None, default_name: str | None = None, **provided: Any) -> Any:
+    """Build the ``kind`` component chosen by ``spec``; ``provided`` are arguments the enclosing block fills in.
+
+    ``path`` is relative to the component under construction (``attention`` inside ``model`` becomes
+    ``model.attention``). Provided arguments the component does not accept are dropped (a norm takes no
+    ``num_heads``), so a parent can offer the same context to every choice of a kind.
+    """
+    path = where(path or kind)
+    name, params = split_spec(spec, path, default_name)
+    entry = get(kind, name, f"{path}.name" if isinstance(_plain(spec), Mapping) else path)
+    accepted = {k: v for k, v in provided.items() if k in entry.params}
+    checked = check_params(entry, params, path, provided=accepted)
+    token = _current_path.set(path)
+    try:
+        return entry.cls(**accepted, **checked)
+    finally:
+        _current_path.reset(token)
+
+
+def describe(entry: Entry) -> str:
+    """``name(param: type = default, ...)  doc`` for ``olm components``."""
+    parts = []
+    for p in entry.params.values():
+        ann = p.annotation
+        if ann is inspect.Parameter.empty:
+            ann = ""
+        elif not isinstance(ann, str):
+            ann = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+        text = f"{p.name}: {ann}" if ann else p.name
+        if not p.required:
+            text += f" = {p.default!r}"
+        parts.append(text)
+    return f"{entry.name}({', '.join(parts)})  {entry.doc}".rstrip()

@@ -1,0 +1,111 @@
+"""Training callbacks: throughput and MFU, atomic checkpoint files."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from olm.train.flops import flops_per_token, peak_flops
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs tokens seen, tokens/s and MFU every ``log_every_n_steps`` optimizer steps (no per-step host sync).
+
+    tokens per optimizer step = per-device batch x seq_len x accumulate_grad_batches x world size. The run's
+    tokens/s excludes the first logging interval (compilation and warm-up).
+    """
+
+    def __init__(self, seq_len: int, batch_size: int, log_every_n_steps: int):
+        self.seq_len, self.batch_size, self.log_every_n_steps = seq_len, batch_size, log_every_n_steps
+        self.tokens_per_step = 0
+        self.flops_per_token = 0.0
+        self.peak = None
+        self._last_time = None
+        self._last_step = 0
+        self._timed_tokens = 0
+        self._timed_seconds = 0.0
+        self._intervals = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.tokens_per_step = self.batch_size * self.seq_len * trainer.accumulate_grad_batches * trainer.world_size
+        self.flops_per_token = flops_per_token(pl_module.model, self.seq_len)
+        if pl_module.device.type == "cuda":
+            per_device = peak_flops(torch.cuda.get_device_name(pl_module.device))
+            self.peak = per_device * trainer.world_size if per_device else None
+        self._last_time, self._last_step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step == self._last_step or step % self.log_every_n_steps:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()  # once per logging interval, so the interval's time is the GPU's
+        now = time.perf_counter()
+        tokens = (step - self._last_step) * self.tokens_per_step
+        tokens_per_sec = tokens / max(now - self._last_time, 1e-9)
+        metrics = {"tokens_seen": float(step * self.tokens_per_step), "perf/tokens_per_sec": tokens_per_sec}
+        if self.peak:
+            metrics["perf/mfu"] = tokens_per_sec * self.flops_per_token / self.peak
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        if self._intervals > 0:
+            self._timed_tokens += tokens
+            self._timed_seconds += now - self._last_time
+        self._intervals += 1
+        self._last_time, self._last_step = now, step
+
+    def on_validation_start(self, trainer, pl_module):
+        self._val_started = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        # Validation time is not training time.
+        if self._last_time is not None:
+            self._last_time += time.perf_counter() - self._val_started
+
+    @property
+    def tokens_per_sec(self) -> float | None:
+        return self._timed_tokens / self._timed_seconds if self._timed_seconds else None
+
+    @property
+    def mfu(self) -> float | None:
+        tps = self.tokens_per_sec
+        return tps * self.flops_per_token / self.peak if tps and self.peak else None
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose files are written to a temporary name, fsynced and renamed into place.
+
+    A run killed while writing never leaves a truncated ``last.ckpt``: the previous one survives intact.
+    """
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        tmp = f"{filepath}.tmp"
+        trainer.save_checkpoint(tmp, self.save_weights_only)
+        if trainer.is_global_zero:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, filepath)
+            directory = os.open(os.path.dirname(filepath) or ".", os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        trainer.strategy.barrier("olm_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        for logger in trainer.loggers:
+            logger.after_save_checkpoint(self)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """``last.ckpt`` in the run's checkpoint dir, else the newest ``*.ckpt`` there, else None."""
+    directory = Path(run_dir) / "checkpoints"
+    last = directory / "last.ckpt"
+    if last.is_file():
+        return last
+    candidates = sorted(directory.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None

@@ -1,0 +1,22 @@
+"""Reading checkpoints safely: tensors and plain containers only (``weights_only=True``), never arbitrary pickle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from olm.registry import ConfigError
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
+    """Load a Lightning checkpoint with ``weights_only=True``; a missing, truncated or corrupted file is a one-line
+    error naming it (never a silent fresh start)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle/zip errors come in many types; all mean the same to the user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"checkpoint {str(path)!r} cannot be loaded (truncated or corrupted?): {reason}") from exc

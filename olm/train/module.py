@@ -1,0 +1,234 @@
+"""LMModule: next-token training of any registry-built model with Lightning."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import olm
+from olm.registry import ConfigError
+
+SCHEDULES = ("cosine", "constant", "wsd", "linear")
+
+
+def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float,
+                  decay_fraction: float = 0.2) -> float:
+    """Learning-rate factor at ``step``: linear warmup, then the chosen decay down to ``min_lr_ratio``.
+
+    - cosine: half-cosine from 1 to min_lr_ratio over the steps after warmup;
+    - linear: straight line to min_lr_ratio;
+    - constant: 1 after warmup;
+    - wsd (warmup-stable-decay): 1 until the last ``decay_fraction`` of training, then linear to min_lr_ratio.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "wsd":
+        decay_start = int(total_steps * (1 - decay_fraction))
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+        return 1.0 - (1.0 - min_lr_ratio) * progress
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_lr_ratio) * progress
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the message names the step."""
+
+
+class LMModule(L.LightningModule):
+    """Wraps an olm model built from ``model_cfg``; the loop knows nothing of the model's internals.
+
+    ``optim``: lr, weight_decay, betas, eps, fused, decay_embeddings, decay_norms_and_biases.
+    ``scheduler``: name (cosine|linear|constant|wsd), warmup_steps, min_lr_ratio, decay_fraction.
+    Metrics are accumulated on the device and logged every ``log_every_n_steps`` optimizer steps, so the training
+    step never waits for the host.
+    """
+
+    def __init__(self, model_cfg: dict, optim: dict, scheduler: dict, *, max_steps: int, log_every_n_steps: int = 10,
+                 compile: bool = False, bytes_per_token: float | None = None, activation_checkpointing: bool = False,
+                 skip_nonfinite_batches: int = 0):
+        super().__init__()
+        self.model_cfg = dict(model_cfg)
+        self.model = olm.build_model(self.model_cfg)
+        self.optim_cfg, self.scheduler_cfg = dict(optim), dict(scheduler)
+        if self.scheduler_cfg.get("name", "cosine") not in SCHEDULES:
+            raise ConfigError(f"scheduler.name={self.scheduler_cfg.get('name')!r} is not known; known: {', '.join(SCHEDULES)}")
+        self.max_steps, self.log_every_n_steps = max_steps, log_every_n_steps
+        self.compile_model, self.bytes_per_token = compile, bytes_per_token
+        self.activation_checkpointing = activation_checkpointing
+        self.wandb_run_id: str | None = None
+        self.skip_nonfinite_batches, self.skipped_batches = skip_nonfinite_batches, 0
+        self._train_loss_sum = None  # device tensors: summed between log steps
+        self._train_loss_count = 0
+        self._grad_norm = None
+        self._val_sum = None
+        self._val_count = None
+        self.save_hyperparameters({"model": self.model_cfg, "optim": self.optim_cfg, "scheduler": self.scheduler_cfg})
+
+    # -- model ---------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        self.model.activation_checkpointing = self.activation_checkpointing
+        if self.compile_model and not getattr(self, "_compiled", False):
+            self.model.compile()  # in place: parameter names (and checkpoints) stay the same
+            self._compiled = True
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(idx)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        idx, targets = batch
+        loss = self.loss(idx, targets)
+        if self.skip_nonfinite_batches and not torch.isfinite(loss):
+            # Skipping needs the host to see every loss, a sync paid only when skipping is enabled.
+            self.skipped_batches += 1
+            if self.skipped_batches > self.skip_nonfinite_batches:
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {self.global_step} after skipping {self.skip_nonfinite_batches} batch(es)"
+                )
+            return None  # Lightning skips the optimizer step
+        detached = loss.detach()
+        self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
+        self._train_loss_count += 1
+        return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy) or gradient_clip_algorithm == "value":
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        # One foreach kernel both measures and clips; the norm stays on the device until the next log step.
+        max_norm = gradient_clip_val if gradient_clip_val else float("inf")
+        self._grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        step = self.trainer.global_step  # optimizer steps done
+        accumulating = (batch_idx + 1) % self.trainer.accumulate_grad_batches != 0
+        if accumulating or step % self.log_every_n_steps != 0 or self._train_loss_sum is None:
+            return
+        self.check_finite()
+        metrics = {"train/loss": self._train_loss_sum / self._train_loss_count, "lr": self.lr_schedulers().get_last_lr()[0]}
+        if self._grad_norm is not None:
+            metrics["train/grad_norm"] = self._grad_norm
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
+        self.log("loss", metrics["train/loss"], on_step=True, on_epoch=False, prog_bar=True, logger=False)
+        self._train_loss_sum, self._train_loss_count = None, 0
+
+    def check_finite(self) -> None:
+        """Raise if a loss since the last check was NaN/inf (one host sync; called at log steps and before
+        validation, so no checkpoint is ever written from diverged weights)."""
+        if self._train_loss_sum is not None and not torch.isfinite(self._train_loss_sum).item():
+            raise NonFiniteLossError(
+                f"non-finite training loss at or before step {self.global_step} (since the previous check); stopping, "
+                "the last checkpoint holds the last good weights"
+            )
+
+    # -- validation ----------------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self):
+        if self.trainer.state.fn == "fit":
+            self.check_finite()
+        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch, batch_idx):
+        idx, targets = batch
+        logits = self.model(idx)
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        self._val_sum += loss_sum.double()
+        self._val_count += targets.numel()
+
+    def on_validation_epoch_end(self):
+        # Token-weighted mean over every rank's windows, reduced once.
+        total = self.trainer.strategy.reduce(torch.stack([self._val_sum, self._val_count]), reduce_op="sum")
+        val_loss = (total[0] / total[1].clamp_min(1)).float()
+        metrics = {"val/loss": val_loss, "val/ppl": torch.exp(val_loss)}
+        if self.bytes_per_token:
+            metrics["val/bpb"] = val_loss / math.log(2) / self.bytes_per_token
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False, prog_bar=False)
+        # ModelCheckpoint monitors a name without "/" so that it can appear in checkpoint file names.
+        self.log("val_loss", val_loss, on_step=False, on_epoch=True, prog_bar=True, logger=False)
+
+    # -- optimizer -----------------------------------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on matrices only; embeddings, norms and biases are configurable (off by default)."""
+        decay_embeddings = self.optim_cfg.get("decay_embeddings", False)
+        decay_others = self.optim_cfg.get("decay_norms_and_biases", False)
+        embedding_params = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)}
+        decay, no_decay, seen = [], [], set()
+        for _, p in self.model.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if id(p) in embedding_params:
+                (decay if decay_embeddings else no_decay).append(p)
+            elif p.ndim >= 2:
+                decay.append(p)
+            else:
+                (decay if decay_others else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": float(self.optim_cfg.get("weight_decay", 0.1))},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        fused = cfg.get("fused")
+        if fused is None:  # fused AdamW is fastest on GPU; CPU uses the foreach implementation
+            fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            self.parameter_groups(), lr=float(cfg.get("lr", 1e-3)), betas=tuple(cfg.get("betas", (0.9, 0.95))),
+            eps=float(cfg.get("eps", 1e-8)), fused=bool(fused) or None,
+        )
+        s = self.scheduler_cfg
+        schedule = dict(
+            schedule=s.get("name", "cosine"), warmup_steps=int(s.get("warmup_steps", 0)), total_steps=self.max_steps,
+            min_lr_ratio=float(s.get("min_lr_ratio", 0.1)), decay_fraction=float(s.get("decay_fraction", 0.2)),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, **schedule))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store what a resume needs beyond Lightning's state: RNG states, the W&B run id, the model config."""
+        np_state = np.random.get_state()
+        checkpoint["olm"] = {
+            "model_config": self.model.to_config(),
+            "wandb_run_id": self.wandb_run_id,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": list(random.getstate()[1]),
+                "python_version": random.getstate()[0],
+                "python_gauss": random.getstate()[2],
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("olm", {})
+        self.wandb_run_id = state.get("wandb_run_id")
+        rng = state.get("rng")
+        if not rng:
+            return
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+        name, keys, *rest = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
