@@ -27,6 +27,18 @@ ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
 
 
+def _quiet_lightning() -> None:
+    """One copy of each Lightning message (through Hydra's handlers, so app.log has them too), without ads."""
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def _precision(value: str) -> str:
     if value != "auto":
         return value
@@ -78,10 +90,10 @@ def _fill_vocab_and_check(cfg: DictConfig, datamodule) -> None:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={max_seq_len}")
 
 
-def _loggers(cfg: DictConfig, run_dir: Path, resume_run_id: str | None):
-    from lightning.pytorch.loggers import CSVLogger
+def _loggers(cfg: DictConfig, run_dir: Path, resume_run_id: str | None, resume_step: int | None):
+    from olm.train.csv_logging import RunCSVLogger
 
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]  # -> run_dir/metrics.csv
+    loggers = [RunCSVLogger(str(run_dir), resume_step)]  # -> run_dir/metrics.csv
     wandb_logger = None
     kind = cfg.logger.get("name", "none")
     if kind not in ("wandb", "csv", "none"):
@@ -115,11 +127,13 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 def _read_checkpoint_meta(path: str | None) -> dict:
+    """The olm entries of a checkpoint (W&B run id, ...) plus its global step; validates the file early."""
     if not path:
         return {}
     from olm.train.checkpoint import load_checkpoint
 
-    return load_checkpoint(path).get("olm", {})
+    state = load_checkpoint(path)
+    return {**state.get("olm", {}), "global_step": state.get("global_step")}
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -131,6 +145,7 @@ def train(cfg: DictConfig) -> float | None:
     from olm.train.module import LMModule
 
     started = time.time()
+    _quiet_lightning()
     run_dir = Path(cfg.paths.output_dir)
     _check_writable(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -159,7 +174,7 @@ def train(cfg: DictConfig) -> float | None:
 
     ckpt_path = _resume_path(cfg, run_dir)
     meta = _read_checkpoint_meta(ckpt_path)
-    loggers, wandb_logger = _loggers(cfg, run_dir, meta.get("wandb_run_id"))
+    loggers, wandb_logger = _loggers(cfg, run_dir, meta.get("wandb_run_id"), meta.get("global_step"))
     if wandb_logger is not None:
         module.wandb_run_id = wandb_logger.version
     for logger in loggers:

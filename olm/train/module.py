@@ -197,7 +197,8 @@ class LMModule(L.LightningModule):
         )
         s = self.scheduler_cfg
         schedule = dict(
-            schedule=s.get("name", "cosine"), warmup_steps=int(s.get("warmup_steps", 0)), total_steps=self.max_steps,
+            schedule=s.get("name", "cosine"), warmup_steps=int(s.get("warmup_steps", 0)),
+            total_steps=int(s.get("total_steps") or self.max_steps),
             min_lr_ratio=float(s.get("min_lr_ratio", 0.1)), decay_fraction=float(s.get("decay_fraction", 0.2)),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, **schedule))

@@ -1,0 +1,137 @@
+"""End-to-end training on CPU: the run dir, learning, resume equality, W&B offline files, generation CLI."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from olm.train.app import CONF_DIR, train
+from olm.train.schema import register_configs
+from wandb_records import summarize
+
+TINY_RUN = [
+    "model=lm_tiny", "data.seq_len=32", "data.batch_size=8", "data.val_batches=4", "trainer=cpu",
+    "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "sample.max_new_tokens=8",
+    "optim.lr=3e-3", "scheduler.warmup_steps=5",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("olm-cache")
+
+
+def run(tmp_path: Path, cache_dir: Path, overrides=(), name="run") -> tuple[Path, float]:
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY_RUN, *overrides])
+    out = tmp_path / name
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.paths.cache_dir = str(cache_dir)
+        cfg.name = name
+    value = train(cfg)
+    return out, value
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def train_losses(run_dir: Path) -> dict[float, float]:
+    return {float(r["tokens_seen"]): float(r["train/loss"]) for r in read_metrics(run_dir) if r.get("train/loss")}
+
+
+def test_tiny_run_learns_and_writes_its_run_dir(tmp_path, cache_dir):
+    out, value = run(tmp_path, cache_dir, ["trainer.max_steps=60", "trainer.val_check_interval=30", "logger=wandb"])
+    for name in ("config.yaml", "metrics.csv", "summary.json", "checkpoints/last.ckpt", "model/config.json",
+                 "model/model.safetensors", "model/tokenizer/tokenizer_meta.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 60
+    assert summary["tokens_seen"] == 60 * 8 * 32
+    assert summary["num_parameters"] == 40_256  # lm_tiny at vocab 256: see test_blocks' formula
+    assert summary["val_loss"] == pytest.approx(value)
+    assert summary["val_bpb"] == pytest.approx(value / math.log(2))  # byte tokens: one byte per token
+    assert 0.5 < summary["gzip_bpb"] < 8 and summary["tokens_per_sec"] > 0 and summary["mfu"] is None  # no MFU on CPU
+    losses = list(train_losses(out).values())
+    assert len(losses) == 60
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5  # it learned
+    assert value < math.log(256) - 1.0  # well below a uniform guess
+    best = Path(summary["checkpoint"])
+    assert best.is_file() and best.parent.name == "checkpoints"
+    # W&B offline run in the run dir: read its records back
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    record = summarize(runs[0])
+    assert record["config"]["model"]["embed_dim"] == 32 and record["config"]["num_parameters"] == 40_256
+    logged = [h["train/loss"] for h in record["history"] if "train/loss" in h]
+    assert logged == pytest.approx(losses, abs=1e-6)
+    assert record["summary"]["val_loss"] == pytest.approx(summary["val_loss"])
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path, cache_dir):
+    common = ["trainer.val_check_interval=10", "logger=none", "sample.max_new_tokens=0", "export=false"]
+    full, _ = run(tmp_path, cache_dir, [*common, "trainer.max_steps=20"], name="full")
+    first, _ = run(tmp_path, cache_dir, [*common, "trainer.max_steps=10", "scheduler.total_steps=20"], name="part")
+    with_resume = [*common, "trainer.max_steps=20", "resume=auto"]
+    resumed, _ = run(tmp_path, cache_dir, with_resume, name="part")  # same run dir: picks up last.ckpt
+    expected = train_losses(full)
+    got = train_losses(resumed)  # steps 1-10 from the first part (kept in metrics.csv), 11-20 after the resume
+    assert len(expected) == 20 and sorted(got) == sorted(expected)
+    for tokens, loss in expected.items():
+        assert got[tokens] == pytest.approx(loss, abs=1e-5), tokens
+
+
+def test_no_wandb_files_when_disabled(tmp_path, cache_dir):
+    out, _ = run(tmp_path, cache_dir, ["trainer.max_steps=4", "trainer.val_check_interval=4", "logger=none", "sample.max_new_tokens=0"])
+    assert not (out / "wandb").exists()
+    assert (out / "metrics.csv").is_file() and (out / "summary.json").is_file()
+
+
+def test_generate_cli_from_run_dir(tmp_path, cache_dir, capsys):
+    from olm.cli import main
+
+    out, _ = run(tmp_path, cache_dir, ["trainer.max_steps=4", "trainer.val_check_interval=4", "logger=none", "sample.max_new_tokens=0"])
+    capsys.readouterr()
+    args = ["generate", "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main([*args, "--ckpt", str(out)]) == 0
+    from_dir = capsys.readouterr().out
+    assert from_dir.startswith("def ") and len(from_dir.rstrip("\n").encode("utf-8", "surrogateescape")) >= 4
+    assert main([*args, "--ckpt", str(out / "checkpoints" / "last.ckpt")]) == 0
+    assert capsys.readouterr().out == from_dir  # same weights either way, greedy decoding
+
+
+def test_resume_continues_the_same_wandb_run(tmp_path, cache_dir):
+    common = ["trainer.val_check_interval=4", "logger=wandb", "sample.max_new_tokens=0", "export=false"]
+    run(tmp_path, cache_dir, [*common, "trainer.max_steps=4", "scheduler.total_steps=8"], name="w")
+    out, _ = run(tmp_path, cache_dir, [*common, "trainer.max_steps=8", "resume=auto"], name="w")
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    ids = {p.name.rsplit("-", 1)[1] for p in runs}
+    assert len(ids) == 1  # one W&B run continued, not two
+    steps = [h["trainer/global_step"] for p in runs for h in summarize(next(p.glob("*.wandb")))["history"] if "train/loss" in h]
+    assert steps == list(range(8))
+
+
+def test_bad_inputs_fail_before_training(tmp_path, cache_dir):
+    from olm.registry import ConfigError
+
+    cases = {
+        ("data.batch_size=0",): "data.batch_size=0 must be a positive integer",
+        ("data.seq_len=64", "model.max_seq_len=32"): "data.seq_len=64 exceeds model.max_seq_len=32",
+        ("model.vocab_size=100",): "model.vocab_size=100 is smaller than the tokenizer's vocabulary (256",
+        ("resume=sometimes",): "resume='sometimes' is not known",
+        ("scheduler.name=cosin",): "scheduler.name='cosin' is not known; known: cosine, constant, wsd, linear",
+        ("model.num_heads=3",): "model.embed_dim=32 must be divisible by model.num_heads=3",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(ConfigError) as info:
+            run(tmp_path, cache_dir, ["trainer.max_steps=2", "logger=none", *overrides], name="bad")
+        assert message in str(info.value) and "\n" not in str(info.value), overrides
