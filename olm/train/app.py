@@ -191,7 +191,7 @@ def train(cfg: DictConfig) -> float | None:
         save_last=bool(cfg.callbacks.checkpoint.save_last),
     )
     trainer_cfg["precision"] = _precision(trainer_cfg.get("precision", "auto"))
-    from olm.train.strategies import resolve_strategy
+    from olm.train.strategies import cleanup_after_job, resolve_strategy
 
     trainer_cfg = resolve_strategy(trainer_cfg)
     try:
@@ -208,22 +208,23 @@ def train(cfg: DictConfig) -> float | None:
         raise ConfigError(f"trainer: {str(exc).splitlines()[0]}") from exc
 
     log.info("model: %s parameters; run dir: %s", f"{num_params:,}", run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if trainer.global_step % int(trainer_cfg.get("val_check_interval") or 1) or "val/loss" not in trainer.callback_metrics:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    summary = None
-    if trainer.is_global_zero:
-        summary = _finish_run(cfg, run_dir, module, datamodule, trainer, throughput, checkpoint, metrics, num_params, started)
-    if wandb_logger is not None:
-        if summary is not None:
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if trainer.global_step % int(trainer_cfg.get("val_check_interval") or 1) or "val/loss" not in trainer.callback_metrics:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        summary = None
+        if trainer.is_global_zero:
+            summary = _finish_run(cfg, run_dir, module, datamodule, trainer, throughput, checkpoint, metrics, num_params, started)
+        if wandb_logger is not None and summary is not None:
             wandb_logger.experiment.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        import wandb
+    finally:
+        if wandb_logger is not None:
+            import wandb
 
-        wandb.finish()
-    value = metrics.get(cfg.get("optimized_metric") or "val/loss")
-    return value
+            wandb.finish()  # one W&B run per job, also in sweeps and after failures
+        cleanup_after_job(trainer)
+    return metrics.get(cfg.get("optimized_metric") or "val/loss")
 
 
 def _finish_run(cfg, run_dir, module, datamodule, trainer, throughput, checkpoint, metrics, num_params, started):

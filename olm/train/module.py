@@ -87,8 +87,12 @@ class LMModule(L.LightningModule):
         return self.model(idx)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy, plus any auxiliary loss the model reports (e.g. MoE load balancing)."""
         logits = self.model(idx)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        aux_loss = getattr(self.model, "aux_loss", None)
+        aux = aux_loss() if callable(aux_loss) else None
+        return loss if aux is None else loss + aux
 
     # -- training ------------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -123,7 +127,9 @@ class LMModule(L.LightningModule):
         if accumulating or step % self.log_every_n_steps != 0 or self._train_loss_sum is None:
             return
         self.check_finite()
-        metrics = {"train/loss": self._train_loss_sum / self._train_loss_count, "lr": self.lr_schedulers().get_last_lr()[0]}
+        # Mean over ranks: the logged loss is the global batch's, equal to a one-process run's.
+        mean_loss = self.trainer.strategy.reduce(self._train_loss_sum / self._train_loss_count, reduce_op="mean")
+        metrics = {"train/loss": mean_loss, "lr": self.lr_schedulers().get_last_lr()[0]}
         if self._grad_norm is not None:
             metrics["train/grad_norm"] = self._grad_norm
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
@@ -160,9 +166,9 @@ class LMModule(L.LightningModule):
         metrics = {"val/loss": val_loss, "val/ppl": torch.exp(val_loss)}
         if self.bytes_per_token:
             metrics["val/bpb"] = val_loss / math.log(2) / self.bytes_per_token
-        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False, prog_bar=False)
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, prog_bar=False)  # already reduced: same on every rank
         # ModelCheckpoint monitors a name without "/" so that it can appear in checkpoint file names.
-        self.log("val_loss", val_loss, on_step=False, on_epoch=True, prog_bar=True, logger=False)
+        self.log("val_loss", val_loss, on_step=False, on_epoch=True, prog_bar=True, logger=False, sync_dist=True)
 
     # -- optimizer -----------------------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:
