@@ -146,6 +146,7 @@ def train(cfg: DictConfig) -> float | None:
 
     started = time.time()
     _quiet_lightning()
+    torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul on GPUs that have it
     run_dir = Path(cfg.paths.output_dir)
     _check_writable(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -168,6 +169,7 @@ def train(cfg: DictConfig) -> float | None:
         bytes_per_token=datamodule.val_bytes_per_token,
         activation_checkpointing=bool(cfg.activation_checkpointing),
         skip_nonfinite_batches=int(cfg.callbacks.nan_guard.skip_batches),
+        fused_loss=cfg.get("fused_loss", "auto"),
     )
     num_params = module.model.num_parameters()
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

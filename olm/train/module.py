@@ -57,7 +57,7 @@ class LMModule(L.LightningModule):
 
     def __init__(self, model_cfg: dict, optim: dict, scheduler: dict, *, max_steps: int, log_every_n_steps: int = 10,
                  compile: bool = False, bytes_per_token: float | None = None, activation_checkpointing: bool = False,
-                 skip_nonfinite_batches: int = 0):
+                 skip_nonfinite_batches: int = 0, fused_loss: str | bool = "auto"):
         super().__init__()
         self.model_cfg = dict(model_cfg)
         self.model = olm.build_model(self.model_cfg)
@@ -67,6 +67,11 @@ class LMModule(L.LightningModule):
         self.max_steps, self.log_every_n_steps = max_steps, log_every_n_steps
         self.compile_model, self.bytes_per_token = compile, bytes_per_token
         self.activation_checkpointing = activation_checkpointing
+        if fused_loss not in ("auto", True, False):
+            raise ConfigError(f"fused_loss={fused_loss!r} is not known; known: auto, true, false")
+        self.fused_loss = fused_loss
+        self._fused_ce = None  # set in configure_model when the fused linear-cross-entropy kernel is used
+        self._hidden_states = self.model.hidden_states  # replaced by its compiled version with compile=True
         self.wandb_run_id: str | None = None
         self.skip_nonfinite_batches, self.skipped_batches = skip_nonfinite_batches, 0
         self._train_loss_sum = None  # device tensors: summed between log steps
@@ -79,19 +84,46 @@ class LMModule(L.LightningModule):
     # -- model ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         self.model.activation_checkpointing = self.activation_checkpointing
+        self._fused_ce = self._make_fused_ce()
         if self.compile_model and not getattr(self, "_compiled", False):
-            self.model.compile()  # in place: parameter names (and checkpoints) stay the same
+            # Compile the token-to-hidden-state body; parameter names (and checkpoints) are unchanged. Without the
+            # fused kernel the head and loss are compiled with it, so log-softmax fuses with the logits.
+            self._hidden_states = torch.compile(self.model.hidden_states)
+            self._compiled_loss = torch.compile(self._unfused_loss)
             self._compiled = True
+
+    def _make_fused_ce(self):
+        """Liger's fused linear-cross-entropy (never materialises the (tokens x vocab) logits), when asked for or
+        when ``auto`` on a GPU with liger-kernel installed; None means the plain path."""
+        if self.fused_loss is False or self.model.head.softcap is not None:
+            return None
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError:
+            if self.fused_loss is True:
+                raise ConfigError("fused_loss=true needs liger-kernel (pip install 'olm[perf]'); or use fused_loss=auto")
+            return None
+        if self.fused_loss == "auto" and not torch.cuda.is_available():
+            return None
+        return LigerFusedLinearCrossEntropyLoss()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _unfused_loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        logits = self.model.head(self._hidden_states(idx))  # (B, T, V); fp32 inside cross_entropy under autocast
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Next-token cross-entropy, plus any auxiliary loss the model reports (e.g. MoE load balancing)."""
-        logits = self.model(idx)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        if self._fused_ce is not None and reduction == "mean" and self.training:
+            head = self.model.head
+            hidden = head.norm(self._hidden_states(idx)).flatten(0, 1)  # (B*T, C)
+            loss = self._fused_ce(head.linear.weight, hidden, targets.flatten(), head.linear.bias)
+        else:
+            loss = getattr(self, "_compiled_loss", self._unfused_loss)(idx, targets, reduction)
         aux_loss = getattr(self.model, "aux_loss", None)
-        aux = aux_loss() if callable(aux_loss) else None
+        aux = aux_loss() if callable(aux_loss) and self.training else None
         return loss if aux is None else loss + aux
 
     # -- training ------------------------------------------------------------------------------------------------
@@ -154,8 +186,7 @@ class LMModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         idx, targets = batch
-        logits = self.model(idx)
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        loss_sum = self.loss(idx, targets, reduction="sum")
         self._val_sum += loss_sum.double()
         self._val_count += targets.numel()
 

@@ -1,0 +1,83 @@
+"""Weak scaling of olm training over GPUs: the same model and per-GPU batch at 1, 2, 4, ... GPUs (Lightning DDP or
+FSDP, the path olm-train uses), reporting tokens/s, scaling efficiency and peak memory per GPU.
+
+efficiency(n) = tokens_per_sec(n) / (n * tokens_per_sec(1))
+
+    python benchmarks/scaling.py --gpus 1 2 4 --preset gpt2_small --batch-size 32 --compile --out results/
+    python benchmarks/scaling.py --gpus 1 4 --strategy fsdp --preset llama_small --override model.num_layers=24 ...
+
+Each point runs benchmarks/throughput.py in a fresh process (Lightning starts the other ranks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_point(n: int, args) -> dict:
+    command = [
+        sys.executable, str(HERE / "throughput.py"), "--paths", "lightning", "--presets", args.preset,
+        "--batch-sizes", str(args.batch_size), "--devices", str(n), "--strategy", args.strategy if n > 1 else "auto",
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
+        "--vocab-size", str(args.vocab_size), "--fused-loss", args.fused_loss,
+    ]
+    if args.compile:
+        command.append("--compile")
+    if args.activation_checkpointing:
+        command.append("--activation-checkpointing")
+    if args.override:
+        command += ["--override", *args.override]
+    out = subprocess.run(command, capture_output=True, text=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not rows:
+        raise RuntimeError(f"{n} GPU(s) failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return rows[-1]
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--preset", default="gpt2_small")
+    parser.add_argument("--batch-size", type=int, default=32, help="per GPU")
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--vocab-size", type=int, default=50257)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--fused-loss", default="auto")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--override", nargs="*", default=[])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    rows = []
+    for n in args.gpus:
+        row = run_point(n, args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = next((r["tokens_per_sec"] for r in rows if r["world_size"] == 1), None)
+    lines = [f"date {date.today().isoformat()}; command: `python benchmarks/scaling.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+             "| GPUs | strategy | batch/GPU | tokens/s | efficiency | MFU | peak mem GiB/GPU |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        r["efficiency"] = round(r["tokens_per_sec"] / (r["world_size"] * base), 3) if base else None
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        lines.append(f"| {r['world_size']} | {r['strategy']} | {r['batch_size']} | {r['tokens_per_sec']:,} | {r['efficiency']} | {mfu} | {r['peak_mem_gib']} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "scaling.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (args.out / "scaling.md").write_text(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Training throughput of olm presets: a plain PyTorch loop vs the Lightning Trainer with olm's module and callbacks.
+
+Both paths time full training steps (forward, backward, AdamW step, gradient clipping) after warm-up on synthetic
+tokens, with the same model, optimizer, precision and compilation, and report tokens/s, MFU and peak memory.
+
+MFU = tokens/s * flops_per_token / peak, with flops_per_token = 6 N + 12 L H Q T (olm/train/flops.py: N without
+position tables; L layers, H heads of size Q, T sequence length) and the card's dense bf16 peak (989 TFLOP/s for
+H100/H200 SXM).
+
+    python benchmarks/throughput.py --presets gpt2_small llama_small --batch-sizes 32 16 --compile --out results/
+    python benchmarks/throughput.py --device cpu --presets lm_tiny --batch-sizes 2 --steps 3 --warmup 1   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def model_config(preset: str, vocab_size: int, seq_len: int, overrides: list[str]) -> dict:
+    """The model node of conf/model/<preset>.yaml, composed by Hydra as olm-train would."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from olm.train.app import CONF_DIR
+    from olm.train.schema import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={preset}", f"data.seq_len={seq_len}", *overrides])
+    with open_dict(cfg):
+        cfg.data.vocab_size = vocab_size
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def make_module(model_cfg: dict, args, compile: bool):
+    from olm.train.module import LMModule
+
+    optim = {"lr": 6e-4, "weight_decay": 0.1, "betas": [0.9, 0.95], "fused": args.device == "cuda"}
+    return LMModule(model_cfg, optim, {"name": "cosine", "warmup_steps": 10}, max_steps=args.warmup + args.steps,
+                    log_every_n_steps=args.log_every, compile=compile, fused_loss=args.fused_loss,
+                    activation_checkpointing=args.activation_checkpointing)
+
+
+def synthetic_batches(n: int, batch_size: int, seq_len: int, vocab_size: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (n, batch_size, seq_len + 1), generator=g)
+    return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_loop(model_cfg, batch_size, args) -> dict:
+    """The reference: the same module's loss and optimizer, stepped by hand."""
+    module = make_module(model_cfg, args, args.compile).to(args.device)
+    module.configure_model()
+    optimizer = module.configure_optimizers()["optimizer"]
+    batches = synthetic_batches(4, batch_size, args.seq_len, model_cfg["vocab_size"])
+    batches = [(x.to(args.device), y.to(args.device)) for x, y in batches]
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    module.train()
+
+    def step(i):
+        x, y = batches[i % len(batches)]
+        with torch.autocast(args.device, dtype=dtype, enabled=args.device == "cuda"):
+            loss = module.loss(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup):
+        step(i)
+    sync(args.device)
+    start = time.perf_counter()
+    for i in range(args.steps):
+        loss = step(i)
+    sync(args.device)
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "final_loss": float(loss), "module": module}
+
+
+class _StepTimer:
+    def __init__(self, warmup: int, device: str):
+        self.warmup, self.device, self.start, self.end = warmup, device, None, None
+
+    def hook(self, trainer):
+        if trainer.global_step == self.warmup:
+            sync(self.device)
+            self.start = time.perf_counter()
+
+
+def lightning_loop(model_cfg, batch_size, args) -> dict:
+    """olm's LMModule in the Lightning Trainer, with olm's throughput callback, as olm-train runs it."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from olm.train.callbacks import ThroughputMonitor
+
+    module = make_module(model_cfg, args, args.compile)
+    timer = _StepTimer(args.warmup, args.device)
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            timer.hook(trainer)
+
+        def on_train_end(self, trainer, pl_module):
+            sync(args.device)
+            timer.end = time.perf_counter()
+
+    import os
+
+    from olm.train.strategies import resolve_strategy
+
+    rank = int(os.environ.get("LOCAL_RANK", 0))  # each DDP rank gets its own synthetic tokens
+    batches = synthetic_batches(args.warmup + args.steps, batch_size, args.seq_len, model_cfg["vocab_size"], seed=rank)
+    loader = DataLoader(batches, batch_size=None, pin_memory=args.device == "cuda")
+    strategy = resolve_strategy({"strategy": args.strategy})["strategy"]
+    trainer = L.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu", devices=args.devices, strategy=strategy,
+        precision="bf16-mixed" if args.device == "cuda" else "32-true",
+        max_steps=args.warmup + args.steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        use_distributed_sampler=False,
+        callbacks=[ThroughputMonitor(args.seq_len, batch_size, args.log_every), Timer()],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    if not trainer.is_global_zero:
+        sys.exit(0)  # rank 0 reports
+    return {"seconds": timer.end - timer.start, "final_loss": None, "module": module, "world_size": trainer.world_size}
+
+
+def run_case(preset: str, batch_size: int, path: str, args) -> dict:
+    from olm.train.flops import flops_per_token, peak_flops
+
+    model_cfg = model_config(preset, args.vocab_size, args.seq_len, args.override)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    result = (plain_loop if path == "plain" else lightning_loop)(model_cfg, batch_size, args)
+    module = result.pop("module")
+    world_size = result.get("world_size", 1)
+    tokens_per_sec = world_size * args.steps * batch_size * args.seq_len / result["seconds"]
+    fpt = flops_per_token(module.model, args.seq_len)
+    peak = peak_flops(torch.cuda.get_device_name()) if args.device == "cuda" else None
+    row = {
+        "preset": preset, "path": path, "batch_size": batch_size, "seq_len": args.seq_len,
+        "params": module.model.num_parameters(), "tokens_per_sec": round(tokens_per_sec),
+        "world_size": world_size, "strategy": str(args.strategy),
+        "mfu": round(tokens_per_sec * fpt / (peak * world_size), 4) if peak else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
+        "step_ms": round(1000 * result["seconds"] / args.steps, 2),
+        "compile": args.compile, "fused_loss": str(args.fused_loss), "fused_ce_used": module._fused_ce is not None,
+        "activation_checkpointing": args.activation_checkpointing, "flops_per_token": fpt,
+    }
+    del module
+    return row
+
+
+def to_markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"card: {meta['device']}; torch {meta['torch']}; date {meta['date']}; command: `{meta['command']}`", "",
+             "| preset | path | GPUs | batch/GPU | params | tokens/s | MFU | peak mem GiB/GPU | step ms | compile | fused CE |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        lines.append(f"| {r['preset']} | {r['path']} | {r['world_size']} | {r['batch_size']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_sec']:,} "
+                     f"| {mfu} | {r['peak_mem_gib']} | {r['step_ms']} | {r['compile']} | {r['fused_ce_used']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["gpt2_small"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32])
+    parser.add_argument("--paths", nargs="+", default=["plain", "lightning"], choices=["plain", "lightning"])
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--vocab-size", type=int, default=50257, help="padded by the preset (GPT-2: to 50304)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--fused-loss", default="auto", type=lambda v: {"true": True, "false": False}.get(v, v))
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.num_layers=2")
+    parser.add_argument("--devices", type=int, default=1, help="GPUs (or CPU processes) for the lightning path")
+    parser.add_argument("--strategy", default="auto", help="auto, ddp, fsdp (lightning path)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--out", type=Path, default=None, help="directory for throughput.json and throughput.md")
+    args = parser.parse_args(argv)
+    torch.set_float32_matmul_precision("high")
+
+    rows = []
+    for preset in args.presets:
+        for batch_size in args.batch_sizes:
+            for path in args.paths:
+                row = run_case(preset, batch_size, path, args)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or 'x86'})",
+            "torch": torch.__version__, "date": date.today().isoformat(),
+            "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if args.devices > 1:
+        meta["device"] += f" x{args.devices}"
+    print(to_markdown(rows, meta))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        (args.out / "throughput.md").write_text(to_markdown(rows, meta))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
