@@ -27,6 +27,7 @@ def run_point(n: int, args) -> dict:
         "--batch-sizes", str(args.batch_size), "--devices", str(n), "--strategy", args.strategy if n > 1 else "auto",
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
         "--vocab-size", str(args.vocab_size), "--fused-loss", args.fused_loss,
+        "--attention-backend", args.attention_backend,
     ]
     if args.compile:
         command.append("--compile")
@@ -52,8 +53,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--fused-loss", default="auto")
+    parser.add_argument("--fused-loss", default="false")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--override", nargs="*", default=[])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)

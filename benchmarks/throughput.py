@@ -49,7 +49,7 @@ def make_module(model_cfg: dict, args, compile: bool):
     optim = {"lr": 6e-4, "weight_decay": 0.1, "betas": [0.9, 0.95], "fused": args.device == "cuda"}
     return LMModule(model_cfg, optim, {"name": "cosine", "warmup_steps": 10}, max_steps=args.warmup + args.steps,
                     log_every_n_steps=args.log_every, compile=compile, fused_loss=args.fused_loss,
-                    activation_checkpointing=args.activation_checkpointing)
+                    activation_checkpointing=args.activation_checkpointing, attention_backend=args.attention_backend)
 
 
 def synthetic_batches(n: int, batch_size: int, seq_len: int, vocab_size: int, seed: int = 0):
@@ -165,7 +165,8 @@ def run_case(preset: str, batch_size: int, path: str, args) -> dict:
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
         "step_ms": round(1000 * result["seconds"] / args.steps, 2),
         "compile": args.compile, "fused_loss": str(args.fused_loss), "fused_ce_used": module._fused_ce is not None,
-        "activation_checkpointing": args.activation_checkpointing, "flops_per_token": fpt,
+        "activation_checkpointing": args.activation_checkpointing, "attention_backend": args.attention_backend,
+        "flops_per_token": fpt,
     }
     del module
     return row
@@ -173,12 +174,13 @@ def run_case(preset: str, batch_size: int, path: str, args) -> dict:
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"card: {meta['device']}; torch {meta['torch']}; date {meta['date']}; command: `{meta['command']}`", "",
-             "| preset | path | GPUs | batch/GPU | params | tokens/s | MFU | peak mem GiB/GPU | step ms | compile | fused CE |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| preset | path | GPUs | batch/GPU | params | tokens/s | MFU | peak mem GiB/GPU | step ms | compile | fused CE | SDPA | act. ckpt |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         lines.append(f"| {r['preset']} | {r['path']} | {r['world_size']} | {r['batch_size']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_sec']:,} "
-                     f"| {mfu} | {r['peak_mem_gib']} | {r['step_ms']} | {r['compile']} | {r['fused_ce_used']} |")
+                     f"| {mfu} | {r['peak_mem_gib']} | {r['step_ms']} | {r['compile']} | {r['fused_ce_used']} "
+                     f"| {r['attention_backend']} | {r['activation_checkpointing']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -193,8 +195,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--fused-loss", default="auto", type=lambda v: {"true": True, "false": False}.get(v, v))
+    parser.add_argument("--fused-loss", default="false", type=lambda v: {"true": True, "false": False}.get(v, v))
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"])
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.num_layers=2")
     parser.add_argument("--devices", type=int, default=1, help="GPUs (or CPU processes) for the lightning path")
     parser.add_argument("--strategy", default="auto", help="auto, ddp, fsdp (lightning path)")

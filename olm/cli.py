@@ -70,6 +70,48 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from olm.compare import write_report
+
+    report = write_report(args.dirs, args.out, fmt=args.format, metric=args.metric)
+    print(report["table"])
+    print(f"\nwrote {', '.join(str(p) for p in report['files'])}")
+    return 0
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def cmd_models(args) -> int:
+    from olm.zoo import PRESETS, count_parameters
+
+    print(f"{'preset':<14} {'family':<8} {'params':>8} {'published':>10} {'context':>8}  source")
+    for name, preset in PRESETS.items():
+        if args.family and preset.family != args.family:
+            continue
+        config = preset.config()
+        published = _count(preset.published_params) if preset.published_params else "-"
+        print(f"{name:<14} {preset.family:<8} {_count(count_parameters(config)):>8} {published:>10} "
+              f"{config['max_seq_len']:>8}  {preset.source or 'toy size for tests'}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from olm.nn import Block
+    from olm.zoo import from_hf, to_hf
+
+    if args.from_hf:
+        dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+        from_hf(args.from_hf, dtype=dtype).save(args.out)
+    else:
+        to_hf(Block.load(args.to_hf), args.out, family=args.family)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="olm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +129,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("compare", help="compare run dirs (a multirun dir expands to its jobs): table and plots")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run dirs, multirun dirs, or folders holding them")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR", help="where report.md and the PNG plots go")
+    p.add_argument("--format", default="md", choices=["md", "csv", "json"],
+                   help="also write the table as report.csv or report.json (report.md is always written)")
+    p.add_argument("--metric", default="val_loss", choices=["val_loss", "val_bpb"], help="metric that picks the best run")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("models", help="list the model zoo presets: family, parameter count, context length")
+    p.add_argument("--family", help="only this family (gpt2, llama, mistral, qwen2, gemma2, phi3, olmo, opt, mixtral)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("convert", help="convert between Hugging Face checkpoint dirs and olm model dirs (safetensors)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="DIR", help="a local HF dir (config.json + *.safetensors) -> olm model dir")
+    source.add_argument("--to-hf", metavar="DIR", help="an olm model dir (written by Block.save) -> HF dir")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--family", help="HF family to export to (default: inferred from the model's components)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "keep"],
+                   help="weights dtype on import (keep: as stored)")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -14,7 +14,7 @@ from olm.train.app import CONF_DIR
 from olm.train.schema import register_configs
 
 OLM_TRAIN = [sys.executable, "-m", "olm.train.app"]
-TINY = ["model=lm_tiny", "data.seq_len=32", "data.val_batches=2", "trainer.log_every_n_steps=1",
+TINY = ["model=lm_tiny", "data.tokenizer=byte", "data.seq_len=32", "data.val_batches=2", "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false", "sample.max_new_tokens=0", "export=false"]
 
 

@@ -1,6 +1,6 @@
 """Registered feed-forward networks.
 
-Hidden size: ``hidden_dim`` if given, else ``multiple_of * ceil(ff_multiplier * embed_dim / multiple_of)``
+Hidden size (per expert for `moe`): ``hidden_dim`` if given, else ``multiple_of * ceil(ff_multiplier * embed_dim / multiple_of)``
 (``ff_multiplier * embed_dim`` rounded up to a multiple of ``multiple_of``; with the default ``multiple_of=1``,
 embed_dim=512 and ff_multiplier=2.5 give 1280). Gated variants (SwiGLU, GeGLU) hold their gate and up projections in
 one fused matrix of ``2 * hidden`` rows.
@@ -108,3 +108,64 @@ class GeGLU(GatedMLP):
     """GeGLU feed-forward: tanh-approximated GELU gate (Gemma)."""
 
     activation = "gelu_tanh"
+
+
+@register("ffn", "moe")
+class MoE(Block):
+    """Sparse mixture of SwiGLU experts (Mixtral): each token goes to its ``top_k`` experts by router score.
+
+    Expert weights are stacked: ``fc`` (E, 2 * hidden, C) holds each expert's [gate; up] rows, ``proj``
+    (E, C, hidden) its down projection. With ``normalize_top_k`` the chosen experts' probabilities are renormalised
+    to sum to one. Every forward stores the Switch-Transformer load-balancing loss
+    ``aux_loss_coef * E * sum_e(fraction of routed slots_e * mean router probability_e)`` in ``last_aux_loss``,
+    which ``LM.aux_loss()`` sums over layers.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        ff_multiplier: float = 2.5,
+        dropout: float = 0.0,
+        *,
+        num_experts: int = 8,
+        top_k: int = 2,
+        hidden_dim: int | None = None,
+        multiple_of: int = 1,
+        normalize_top_k: bool = True,
+        aux_loss_coef: float = 0.01,
+    ):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ConfigError(f"{where('top_k')}={top_k} must be between 1 and num_experts={num_experts}")
+        hidden = hidden_size(embed_dim, ff_multiplier, multiple_of, hidden_dim)
+        self.num_experts, self.top_k, self.hidden = num_experts, top_k, hidden
+        self.normalize_top_k, self.aux_loss_coef = normalize_top_k, aux_loss_coef
+        self.router = nn.Linear(embed_dim, num_experts, bias=False)
+        self.fc = nn.Parameter(torch.empty(num_experts, 2 * hidden, embed_dim))  # [gate; up] per expert
+        self.proj = nn.Parameter(torch.empty(num_experts, embed_dim, hidden))
+        self.dropout = nn.Dropout(dropout)
+        self.last_aux_loss: torch.Tensor | None = None
+        self.init_parameters()
+
+    def init_parameters(self, std: float = 0.02, residual_std: float | None = None) -> None:
+        """Called by ``LM.init_weights``: the stacked expert matrices are not nn.Linear layers."""
+        nn.init.normal_(self.fc, 0.0, std)
+        nn.init.normal_(self.proj, 0.0, std if residual_std is None else residual_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, C)
+        probs = self.router(x).float().softmax(dim=-1)  # (N, E)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
+        if self.normalize_top_k:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            token, slot = torch.where(experts == e)  # the tokens routed to expert e, and in which of their k slots
+            gate, up = F.linear(x[token], self.fc[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.proj[e]) * weights[token, slot, None]
+            out.index_add_(0, token, y)
+        routed = F.one_hot(experts, self.num_experts).sum(dim=1).float().mean(dim=0)  # (E,) mean slots per token
+        self.last_aux_loss = self.aux_loss_coef * self.num_experts * (routed * probs.mean(dim=0)).sum()
+        return self.dropout(out.view(shape))

@@ -170,6 +170,7 @@ def train(cfg: DictConfig) -> float | None:
         activation_checkpointing=bool(cfg.activation_checkpointing),
         skip_nonfinite_batches=int(cfg.callbacks.nan_guard.skip_batches),
         fused_loss=cfg.get("fused_loss", "auto"),
+        attention_backend=cfg.get("attention_backend", "auto"),
     )
     num_params = module.model.num_parameters()
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -279,9 +280,25 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
     except ConfigError as exc:
+        _write_failed_summary(cfg, exc)
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except BaseException as exc:  # a crash or Ctrl-C: the run dir says so (`olm compare` lists it as failed)
+        _write_failed_summary(cfg, exc)
+        raise
+
+
+def _write_failed_summary(cfg: DictConfig, exc: BaseException) -> None:
+    try:
+        run_dir = Path(cfg.paths.output_dir)
+    except Exception:
+        return
+    if not run_dir.is_dir() or (run_dir / "summary.json").exists():
+        return
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    error = (str(exc).splitlines() or [type(exc).__name__])[0]
+    (run_dir / "summary.json").write_text(json.dumps({"status": status, "error": error}, indent=2) + "\n")
 
 
 def main() -> None:

@@ -15,6 +15,18 @@ import olm
 from olm.registry import ConfigError
 
 SCHEDULES = ("cosine", "constant", "wsd", "linear")
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+def select_sdpa_backend(name: str) -> None:
+    """Restrict F.scaled_dot_product_attention to one fused kernel family (process-wide), or leave torch's choice
+    (``auto``). The math kernel stays allowed as the fallback for inputs a fused kernel rejects (e.g. masks)."""
+    if name == "auto" or not torch.cuda.is_available():
+        return
+    torch.backends.cuda.enable_flash_sdp(name == "flash")
+    torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
+    torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
+    torch.backends.cuda.enable_math_sdp(True)
 
 
 def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float,
@@ -57,7 +69,7 @@ class LMModule(L.LightningModule):
 
     def __init__(self, model_cfg: dict, optim: dict, scheduler: dict, *, max_steps: int, log_every_n_steps: int = 10,
                  compile: bool = False, bytes_per_token: float | None = None, activation_checkpointing: bool = False,
-                 skip_nonfinite_batches: int = 0, fused_loss: str | bool = "auto"):
+                 skip_nonfinite_batches: int = 0, fused_loss: str | bool = "auto", attention_backend: str = "auto"):
         super().__init__()
         self.model_cfg = dict(model_cfg)
         self.model = olm.build_model(self.model_cfg)
@@ -70,6 +82,9 @@ class LMModule(L.LightningModule):
         if fused_loss not in ("auto", True, False):
             raise ConfigError(f"fused_loss={fused_loss!r} is not known; known: auto, true, false")
         self.fused_loss = fused_loss
+        if attention_backend not in SDPA_BACKENDS:
+            raise ConfigError(f"attention_backend={attention_backend!r} is not known; known: {', '.join(SDPA_BACKENDS)}")
+        self.attention_backend = attention_backend
         self._fused_ce = None  # set in configure_model when the fused linear-cross-entropy kernel is used
         self._hidden_states = self.model.hidden_states  # replaced by its compiled version with compile=True
         self.wandb_run_id: str | None = None
@@ -84,8 +99,12 @@ class LMModule(L.LightningModule):
     # -- model ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         self.model.activation_checkpointing = self.activation_checkpointing
+        select_sdpa_backend(self.attention_backend)
         self._fused_ce = self._make_fused_ce()
         if self.compile_model and not getattr(self, "_compiled", False):
+            # Dynamo's DDP optimizer splits the compiled graph at gradient-bucket boundaries to overlap all-reduce
+            # with backward; measured here it cost far more in lost fusion than it gained (benchmarks/RESULTS.md).
+            torch._dynamo.config.optimize_ddp = False
             # Compile the token-to-hidden-state body; parameter names (and checkpoints) are unchanged. Without the
             # fused kernel the head and loss are compiled with it, so log-softmax fuses with the logits.
             self._hidden_states = torch.compile(self.model.hidden_states)
@@ -146,8 +165,13 @@ class LMModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         from lightning.pytorch.strategies import FSDPStrategy
 
-        if isinstance(self.trainer.strategy, FSDPStrategy) or gradient_clip_algorithm == "value":
+        if gradient_clip_algorithm == "value":
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning's FSDP precision plugin refuses norm clipping; the FSDP module computes the global norm itself.
+            max_norm = gradient_clip_val if gradient_clip_val else float("inf")
+            self._grad_norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)
             return
         # One foreach kernel both measures and clips; the norm stays on the device until the next log step.
         max_norm = gradient_clip_val if gradient_clip_val else float("inf")

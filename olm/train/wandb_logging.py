@@ -35,10 +35,10 @@ def make_wandb_logger(cfg: DictConfig, run_dir: Path, resume_run_id: str | None 
         save_dir=str(run_dir),
         project=lc.get("project") or "olm",
         entity=lc.get("entity"),
-        group=lc.get("group"),
+        group=lc.get("group") or _sweep_group(),
         tags=list(lc.get("tags") or []),
         job_type=lc.get("job_type"),
-        name=cfg.get("name"),
+        name=_job_name(cfg.get("name")),
     )
     if resume_run_id:
         kwargs.update(id=resume_run_id, resume="allow")
@@ -55,3 +55,29 @@ def make_wandb_logger(cfg: DictConfig, run_dir: Path, resume_run_id: str | None 
             log.warning("W&B (%s) could not start: %s", attempt, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     log.warning("W&B disabled for this run; metrics.csv and summary.json are still written")
     return None
+
+
+def _multirun_job():
+    """Hydra's config of this job when it is one job of a multirun (-m), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return hc if hc.mode == RunMode.MULTIRUN else None
+
+
+def _sweep_group() -> str | None:
+    """Jobs of one multirun share a W&B group unless logger.group is set: the sweep dir's name (<date>_<time>)."""
+    hc = _multirun_job()
+    return Path(hc.runtime.output_dir).parent.name if hc else None
+
+
+def _job_name(name: str | None) -> str | None:
+    """A multirun job's W&B name gets its overrides appended, unless it holds them already (experiments' names do)."""
+    hc = _multirun_job()
+    overrides = hc.job.override_dirname if hc else ""
+    if overrides and overrides not in (name or ""):
+        return f"{name}/{overrides}" if name else overrides
+    return name

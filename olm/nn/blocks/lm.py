@@ -104,6 +104,8 @@ class LM(Block):
 
     def init_weights(self, std: float = 0.02) -> None:
         """N(0, std) for matrices and tables, zeros for biases; residual projections get std / sqrt(2 * num_layers)."""
+        if self.embedding.token.weight.is_meta:  # nothing to initialise (parameter counting, import before loading)
+            return
         residual_std = std / math.sqrt(2 * len(self.blocks))
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -112,6 +114,8 @@ class LM(Block):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
+            elif module is not self and hasattr(module, "init_parameters"):  # parameters held outside nn.Linear (MoE)
+                module.init_parameters(std, residual_std)
 
     def make_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         """Empty per-layer KV caches for incremental decoding of up to ``max_len`` positions."""
@@ -139,3 +143,8 @@ class LM(Block):
     def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, vocab_size) logits."""
         return self.head(self.hidden_states(idx, cache))
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the auxiliary losses (``last_aux_loss``, e.g. MoE load balancing) of the last forward, or None."""
+        losses = [m.last_aux_loss for m in self.modules() if getattr(m, "last_aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else None

@@ -1,0 +1,130 @@
+"""Named presets of public model families ("flavours", as in torchtitan): each is the family's published
+``config.json`` (the fields that shape the model) turned into an olm config by the family's converter, so the presets
+and checkpoint import can never disagree. ``*_tiny`` flavours are toy sizes for tests; they exercise the family's
+distinctive features (sliding windows shorter than the test sequences, RoPE scaling, biases, tying, ...).
+
+``conf/model/<name>.yaml`` holds the same configs for Hydra (with the vocabulary taken from the data, as for every
+preset); tests check that the two agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from olm.registry import ConfigError
+from olm.zoo.families import FAMILIES
+
+
+@dataclass(frozen=True)
+class Preset:
+    family: str
+    hf: dict  # config.json fields of the published model
+    published_params: int | None = None  # from the model card; None for tiny flavours
+    source: str = ""  # the Hugging Face repo the numbers come from
+
+    def config(self) -> dict:
+        return FAMILIES[self.family].to_olm(self.hf)
+
+
+def _llama(hidden, layers, heads, kv, ffn, vocab, ctx, theta, eps=1e-5, tie=False, **extra):
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                intermediate_size=ffn, vocab_size=vocab, max_position_embeddings=ctx, rope_theta=theta,
+                rms_norm_eps=eps, tie_word_embeddings=tie, **extra)
+
+
+LLAMA3_ROPE = dict(rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=8192))
+GEMMA2 = dict(hidden_activation="gelu_pytorch_tanh", sliding_window=4096, attn_logit_softcapping=50.0,
+              final_logit_softcapping=30.0, rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=256000,
+              max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+def _gemma2(hidden, layers, heads, kv, head_dim, ffn, scalar):
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                head_dim=head_dim, intermediate_size=ffn, query_pre_attn_scalar=scalar, **GEMMA2)
+
+
+def _gpt2(embed, layers, heads, ctx=1024, vocab=50257):
+    return dict(n_embd=embed, n_layer=layers, n_head=heads, n_positions=ctx, vocab_size=vocab)
+
+
+def _opt(hidden, layers, heads, ffn, vocab=50272, ctx=2048):
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
+                vocab_size=vocab, max_position_embeddings=ctx, activation_function="relu")
+
+
+PRESETS: dict[str, Preset] = {
+    # GPT-2 (OpenAI 2019): learned positions, LayerNorm, GELU MLP, tied embeddings.
+    "gpt2_tiny": Preset("gpt2", _gpt2(32, 2, 4, ctx=64, vocab=100)),
+    "gpt2_small": Preset("gpt2", _gpt2(768, 12, 12), 124_439_808, "openai-community/gpt2"),
+    "gpt2_medium": Preset("gpt2", _gpt2(1024, 24, 16), 354_823_168, "openai-community/gpt2-medium"),
+    "gpt2_large": Preset("gpt2", _gpt2(1280, 36, 20), 774_030_080, "openai-community/gpt2-large"),
+    "gpt2_xl": Preset("gpt2", _gpt2(1600, 48, 25), 1_557_611_200, "openai-community/gpt2-xl"),
+    # Llama 2 / 3 / 3.2 (Meta): RMSNorm, RoPE (Llama-3 frequency scaling for 3.1+), SwiGLU, GQA.
+    "llama_tiny": Preset("llama", _llama(64, 2, 4, 2, 96, 100, 64, 500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "llama2_7b": Preset("llama", _llama(4096, 32, 32, 32, 11008, 32000, 4096, 10000.0), 6_738_415_616, "meta-llama/Llama-2-7b-hf"),
+    "llama3_8b": Preset("llama", _llama(4096, 32, 32, 8, 14336, 128256, 8192, 500000.0), 8_030_261_248, "meta-llama/Meta-Llama-3-8B"),
+    "llama3_2_1b": Preset("llama", _llama(2048, 16, 32, 8, 8192, 128256, 131072, 500000.0, tie=True, head_dim=64, **LLAMA3_ROPE),
+                          1_235_814_400, "meta-llama/Llama-3.2-1B"),
+    "llama3_2_3b": Preset("llama", _llama(3072, 28, 24, 8, 8192, 128256, 131072, 500000.0, tie=True, head_dim=128, **LLAMA3_ROPE),
+                          3_212_749_824, "meta-llama/Llama-3.2-3B"),
+    # Mistral 7B v0.1: Llama with GQA and 4096-token sliding-window attention.
+    "mistral_tiny": Preset("mistral", _llama(64, 2, 4, 2, 96, 100, 64, 10000.0, sliding_window=5)),
+    "mistral_7b": Preset("mistral", _llama(4096, 32, 32, 8, 14336, 32000, 32768, 10000.0, sliding_window=4096),
+                         7_241_732_096, "mistralai/Mistral-7B-v0.1"),
+    # Qwen2: q/k/v biases (no output bias), large vocabulary, tied embeddings for the small sizes.
+    "qwen2_tiny": Preset("qwen2", _llama(64, 2, 4, 2, 96, 100, 64, 1000000.0, eps=1e-6, tie=True)),
+    "qwen2_0_5b": Preset("qwen2", _llama(896, 24, 14, 2, 4864, 151936, 131072, 1000000.0, eps=1e-6, tie=True),
+                         494_032_768, "Qwen/Qwen2-0.5B"),
+    "qwen2_1_5b": Preset("qwen2", _llama(1536, 28, 12, 2, 8960, 151936, 131072, 1000000.0, eps=1e-6, tie=True),
+                         1_543_714_304, "Qwen/Qwen2-1.5B"),
+    "qwen2_7b": Preset("qwen2", _llama(3584, 28, 28, 4, 18944, 152064, 131072, 1000000.0, eps=1e-6),
+                       7_615_616_512, "Qwen/Qwen2-7B"),
+    # Gemma 2: sandwich norms, attention and final logit soft-capping, alternating local/global layers, GeGLU,
+    # embeddings scaled by sqrt(width), RMSNorm weights stored as w - 1.
+    "gemma2_tiny": Preset("gemma2", {**_gemma2(32, 2, 4, 2, 16, 64, 24), "vocab_size": 100, "sliding_window": 5,
+                                     "max_position_embeddings": 64, "attn_logit_softcapping": 2.0,
+                                     "final_logit_softcapping": 3.0}),
+    "gemma2_2b": Preset("gemma2", _gemma2(2304, 26, 8, 4, 256, 9216, 256), 2_614_341_888, "google/gemma-2-2b"),
+    "gemma2_9b": Preset("gemma2", _gemma2(3584, 42, 16, 8, 256, 14336, 256), 9_241_705_984, "google/gemma-2-9b"),
+    "gemma2_27b": Preset("gemma2", _gemma2(4608, 46, 32, 16, 128, 36864, 144), 27_227_128_320, "google/gemma-2-27b"),
+    # Phi-3 mini (4k): Llama layout with fused qkv and gate/up matrices, sliding window of 2047.
+    "phi3_tiny": Preset("phi3", _llama(64, 2, 4, 4, 96, 100, 64, 10000.0, sliding_window=6, partial_rotary_factor=0.5)),
+    "phi3_mini": Preset("phi3", _llama(3072, 32, 32, 32, 8192, 32064, 4096, 10000.0, sliding_window=2047),
+                        3_821_079_552, "microsoft/Phi-3-mini-4k-instruct"),
+    # OLMo (AI2): LayerNorm without weights or biases, SwiGLU, RoPE.
+    "olmo_tiny": Preset("olmo", _llama(64, 2, 4, 4, 96, 100, 64, 10000.0)),
+    "olmo_1b": Preset("olmo", _llama(2048, 16, 16, 16, 8192, 50304, 2048, 10000.0, tie=True), 1_176_764_416, "allenai/OLMo-1B-hf"),
+    "olmo_7b": Preset("olmo", _llama(4096, 32, 32, 32, 11008, 50304, 2048, 10000.0), 6_888_095_744, "allenai/OLMo-7B-hf"),
+    # OPT (Meta 2022): learned positions offset by 2, ReLU MLP, pre-LayerNorm, biases everywhere.
+    "opt_tiny": Preset("opt", _opt(32, 2, 4, 64, vocab=100, ctx=64)),
+    "opt_125m": Preset("opt", _opt(768, 12, 12, 3072), 125_239_296, "facebook/opt-125m"),
+    "opt_1_3b": Preset("opt", _opt(2048, 24, 32, 8192), 1_315_758_080, "facebook/opt-1.3b"),
+    "opt_6_7b": Preset("opt", _opt(4096, 32, 32, 16384), 6_658_473_984, "facebook/opt-6.7b"),
+    # Mixtral 8x7B: Mistral attention with a sparse MoE of 8 SwiGLU experts, top-2 routing.
+    "mixtral_tiny": Preset("mixtral", _llama(32, 2, 4, 2, 48, 100, 64, 1000000.0, num_local_experts=4, num_experts_per_tok=2)),
+    "mixtral_8x7b": Preset("mixtral", _llama(4096, 32, 32, 8, 14336, 32000, 32768, 1000000.0, num_local_experts=8,
+                                             num_experts_per_tok=2), 46_702_792_704, "mistralai/Mixtral-8x7B-v0.1"),
+}
+
+
+def preset_config(name: str) -> dict:
+    """The olm model config of a preset (``olm.build_model(preset_config("llama3_8b"))``)."""
+    if name not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"preset {name!r} is not known{hint} known: {', '.join(PRESETS)}")
+    return PRESETS[name].config()
+
+
+def count_parameters(config: dict) -> int:
+    """Parameter count of a config, built on the meta device (no memory, no init), tied weights counted once."""
+    import olm
+
+    with torch.device("meta"):
+        return olm.build_model(config).num_parameters()

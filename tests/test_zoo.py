@@ -1,0 +1,193 @@
+"""Model zoo: every family matches Hugging Face transformers (logits, loss, one optimizer step), exports back, presets
+have the published parameter counts, and conversion errors are one line."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+import olm
+from olm.cli import main as cli_main
+from olm.nn import LM
+from olm.registry import ConfigError
+from olm.zoo import FAMILIES, PRESETS, count_parameters, from_hf, preset_config, to_hf
+
+from test_config import compose_train
+
+HF_REASON = "transformers is not installed: parity tests need the [hf] extra (pip install -e '.[hf]')"
+CONFIG_CLASSES = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+                  "gemma2": "Gemma2Config", "phi3": "Phi3Config", "olmo": "OlmoConfig", "opt": "OPTConfig",
+                  "mixtral": "MixtralConfig"}
+NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "opt": dict(dropout=0.0)}
+
+
+def tiny_hf(family: str, **overrides):
+    """A random tiny transformers model of ``family`` from its ``<family>_tiny`` preset (no network)."""
+    transformers = pytest.importorskip("transformers", reason=HF_REASON)
+    hf = {**PRESETS[f"{family}_tiny"].hf, **NO_DROPOUT.get(family, {}), **overrides}
+    config = getattr(transformers, CONFIG_CLASSES[family])(**hf, pad_token_id=None, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def lm_loss(logits, x):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_parity_logits_loss_and_step(family, batch):
+    hf = tiny_hf(family)
+    model = from_hf(hf).eval()
+    out = hf(batch, labels=batch)
+    logits = model(batch)
+    assert (out.logits - logits).abs().max() < 1e-4
+    loss = lm_loss(logits, batch)
+    torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=1e-5)
+    # One SGD step on each side lands on the same weights.
+    for m, l in ((hf, out.loss), (model, loss)):
+        l.backward()
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+    stepped = from_hf(hf).state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, stepped[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_export_loads_in_transformers_with_equal_logits(family, batch, tmp_path):
+    transformers = pytest.importorskip("transformers", reason=HF_REASON)
+    model = from_hf(tiny_hf(family)).eval()
+    to_hf(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [FAMILIES[family].architecture]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert (back(batch).logits - model(batch)).abs().max() < 1e-4
+
+
+def _random_lm(preset: str) -> LM:
+    torch.manual_seed(0)
+    model = olm.build_model(preset_config(preset)).eval()
+    for p in model.parameters():  # non-trivial norms too, so offsets (Gemma's w - 1) are exercised
+        p.data.add_(torch.randn_like(p) * 0.01)
+    return model
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_round_trip_without_transformers(family, batch, tmp_path):
+    model = _random_lm(f"{family}_tiny")
+    to_hf(model, tmp_path, max_shard_bytes=40_000)  # several shards and an index
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    back = from_hf(tmp_path).eval()
+    torch.testing.assert_close(back(batch), model(batch))
+
+
+def test_gpt2_small_preset_with_padded_vocab_exports_real_vocab(tmp_path):
+    """conf/model/gpt2_small pads 50257 -> 50304 rows for speed; export cuts the padding, import restores the model."""
+    cfg = {**preset_config("gpt2_tiny"), "pad_vocab_to": 64}
+    model = olm.build_model(cfg).eval()
+    to_hf(model, tmp_path)
+    back = from_hf(tmp_path).eval()
+    assert back.embedding.token.weight.shape[0] == 100
+    x = torch.randint(0, 100, (1, 8))
+    torch.testing.assert_close(back(x), model(x)[..., :100])
+
+
+def test_moe_aux_loss_matches_mixtral():
+    hf = tiny_hf("mixtral", num_hidden_layers=1, output_router_logits=True)
+    model = from_hf(hf).eval()
+    x = torch.randint(0, 100, (2, 16))
+    out = hf(x)
+    model(x)
+    torch.testing.assert_close(model.aux_loss(), hf.config.router_aux_loss_coef * out.aux_loss)
+    dense = olm.build_model(preset_config("llama_tiny"))
+    dense(x)
+    assert dense.aux_loss() is None
+
+
+@pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.published_params])
+def test_preset_parameter_count_matches_published(name):
+    preset = PRESETS[name]
+    assert abs(count_parameters(preset.config()) / preset.published_params - 1) < 0.01
+
+
+def _signature(model: LM) -> list:
+    """What determines a model's function: module types, parameter shapes and the behaviour-relevant settings."""
+    out = [(model.embedding.scale, model.head.softcap, model.head.linear.weight is model.embedding.token.weight)]
+    for name, module in model.named_modules():
+        entry = [name, type(module).__name__, [tuple(p.shape) for p in module.parameters(recurse=False)]]
+        for attr in ("num_heads", "num_kv_heads", "head_dim", "window", "softcap", "scale", "causal", "eps", "offset",
+                     "rotary_dim", "top_k", "normalize_top_k", "aux_loss_coef", "post_norms"):
+            entry.append(getattr(module, attr, None))
+        if type(module).__name__ == "RotaryEmbedding":
+            entry += [module.config["base"], module.config["scaling"]]
+        entry.append(getattr(module, "config", {}).get("activation"))
+        out.append(entry)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if n != "mixtral_8x7b"))
+def test_yaml_preset_agrees_with_python(name):
+    """conf/model/<name>.yaml builds the same model as olm.zoo.presets (compared at two layers to stay quick)."""
+    cfg = OmegaConf.to_container(compose_train([f"model={name}", f"data.vocab_size={PRESETS[name].hf['vocab_size']}"]).model, resolve=True)
+    python = preset_config(name)
+    assert cfg["num_layers"] == python["num_layers"]
+    padding = {"pad_vocab_to": 64} if name == "gpt2_small" else {}  # the older preset pads 50257 -> 50304 for speed
+    with torch.device("meta"):
+        from_yaml = olm.build_model({**cfg, "num_layers": 2})
+        from_python = olm.build_model({**python, **padding, "num_layers": 2})
+    assert _signature(from_yaml) == _signature(from_python)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda d: (d / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"]})),
+     "architecture 'FooForCausalLM' is not supported; known: GPT2LMHeadModel"),
+    (lambda d: _drop_tensor(d, "model.layers.1.mlp.up_proj.weight"), "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
+    (lambda d: _edit_config(d, intermediate_size=100), "shape mismatch for model.layers.0.mlp.gate_proj.weight (96, 64)"),
+    (lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 2.0}), "rope_type='yarn' is not supported"),
+    (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"), "pickle files are not read"),
+])
+def test_conversion_errors_are_one_line(bad, message, tmp_path):
+    to_hf(_random_lm("llama_tiny"), tmp_path)
+    bad(tmp_path)
+    with pytest.raises((ConfigError, FileNotFoundError)) as info:
+        from_hf(tmp_path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _drop_tensor(directory, name):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, directory / "model.safetensors")
+
+
+def test_export_refuses_what_the_family_cannot_express(tmp_path):
+    with pytest.raises(ConfigError, match="cannot export to llama: sliding-window attention needs mistral"):
+        to_hf(_random_lm("mistral_tiny"), tmp_path, family="llama")
+    with pytest.raises(ConfigError, match="family='llama4' is not known"):
+        to_hf(_random_lm("mistral_tiny"), tmp_path, family="llama4")
+
+
+def test_cli_models_and_convert(tmp_path, capsys):
+    assert cli_main(["models", "--family", "llama"]) == 0
+    listing = capsys.readouterr().out
+    assert "llama3_8b" in listing and "8.03B" in listing and "131072" in listing and "gpt2" not in listing
+    model = _random_lm("qwen2_tiny")
+    model.save(tmp_path / "olm")
+    assert cli_main(["convert", "--to-hf", str(tmp_path / "olm"), "--out", str(tmp_path / "hf")]) == 0
+    assert cli_main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    x = torch.randint(0, 100, (1, 8))
+    torch.testing.assert_close(LM.load(tmp_path / "back")(x), model(x))
+    assert cli_main(["convert", "--from-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert "config.json does not exist" in capsys.readouterr().err
