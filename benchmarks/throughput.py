@@ -155,11 +155,15 @@ def run_case(preset: str, batch_size: int, path: str, args) -> dict:
     module = result.pop("module")
     world_size = result.get("world_size", 1)
     tokens_per_sec = world_size * args.steps * batch_size * args.seq_len / result["seconds"]
-    fpt = flops_per_token(module.model, args.seq_len)
+    import olm
+
+    with torch.device("meta"):  # unsharded shapes: under FSDP module.model holds only this rank's shard
+        full_model = olm.build_model(model_cfg)
+    fpt = flops_per_token(full_model, args.seq_len)
     peak = peak_flops(torch.cuda.get_device_name()) if args.device == "cuda" else None
     row = {
         "preset": preset, "path": path, "batch_size": batch_size, "seq_len": args.seq_len,
-        "params": module.model.num_parameters(), "tokens_per_sec": round(tokens_per_sec),
+        "params": full_model.num_parameters(), "tokens_per_sec": round(tokens_per_sec),
         "world_size": world_size, "strategy": str(args.strategy),
         "mfu": round(tokens_per_sec * fpt / (peak * world_size), 4) if peak else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,

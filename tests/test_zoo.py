@@ -130,7 +130,7 @@ def _signature(model: LM) -> list:
     return out
 
 
-@pytest.mark.parametrize("name", sorted(n for n in PRESETS if n != "mixtral_8x7b"))
+@pytest.mark.parametrize("name", sorted(PRESETS))
 def test_yaml_preset_agrees_with_python(name):
     """conf/model/<name>.yaml builds the same model as olm.zoo.presets (compared at two layers to stay quick)."""
     cfg = OmegaConf.to_container(compose_train([f"model={name}", f"data.vocab_size={PRESETS[name].hf['vocab_size']}"]).model, resolve=True)
