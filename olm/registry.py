@@ -29,7 +29,12 @@ from typing import Any, Callable, Iterable, Mapping
 ENTRY_POINT_GROUP = "olm.components"
 
 
-class ConfigError(ValueError):
+class OlmError(Exception):
+    """An error olm reports as one line (``error: ...``, non-zero exit) rather than a traceback: a mistake in the
+    input (config, data, checkpoint) or a fault of the run's environment (NaN loss, full disk). Bugs are not OlmErrors."""
+
+
+class ConfigError(OlmError, ValueError):
     """A configuration mistake, reported as one line that names the config path and the allowed values."""
 
 
@@ -124,6 +129,8 @@ def load_plugins() -> None:
 def import_modules(modules: Iterable[str], path: str = "imports") -> None:
     """Import the modules a config lists under ``imports:`` so their components register."""
     for i, module in enumerate(modules):
+        if not isinstance(module, str) or not module:
+            raise ConfigError(f"{path}[{i}]={module!r} must be a module name (a non-empty string)")
         try:
             importlib.import_module(module)
         except ImportError as exc:
@@ -143,7 +150,7 @@ def names(kind: str) -> list[str]:
 def _suggest(value: str, valid: Iterable[str]) -> str:
     valid = list(valid)
     close = difflib.get_close_matches(str(value), valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
     return f"{hint} known: {', '.join(valid) if valid else '(none)'}"
 
 
@@ -252,6 +259,16 @@ def build(kind: str, spec: Any, path: str | None = None, default_name: str | Non
     token = _current_path.set(path)
     try:
         return entry.cls(**accepted, **checked)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
+        # A value the component did not validate itself: still one line naming the config path, never a traceback
+        # from deep inside the component or torch (the original stays chained as __cause__ for debugging).
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        given = ", ".join(f"{k}={v!r}" for k, v in checked.items())
+        raise ConfigError(
+            f"{path} ({kind} {entry.name!r}) cannot be built from {given or 'its defaults'}: {type(exc).__name__}: {reason}"
+        ) from exc
     finally:
         _current_path.reset(token)
 

@@ -102,6 +102,11 @@ def test_slurm_and_torchrun_environments_are_read_as_lightning_expects(monkeypat
     for key in list(os.environ):
         if key.startswith(("SLURM_", "TORCHELASTIC_")) or key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK"):
             monkeypatch.delenv(key, raising=False)
+    # SLURMEnvironment.main_address writes MASTER_ADDR/PORT into os.environ: set-then-delete makes monkeypatch
+    # remove whatever Lightning writes when the test ends (a leaked MASTER_ADDR would break later DDP tests)
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "unused")
+        monkeypatch.delenv(key)
     slurm = {"SLURM_NTASKS": "16", "SLURM_PROCID": "11", "SLURM_LOCALID": "3", "SLURM_NODEID": "1",
              "SLURM_JOB_NAME": "olm", "SLURM_NODELIST": "gpu[01-02]", "SLURM_JOB_ID": "1234", "SLURM_NTASKS_PER_NODE": "8"}
     for key, value in slurm.items():

@@ -27,11 +27,18 @@ ACTIVATIONS = {
 def hidden_size(embed_dim: int, ff_multiplier: float, multiple_of: int = 1, hidden_dim: int | None = None) -> int:
     """The FFN width; see the module docstring for the formula."""
     if hidden_dim is not None:
+        if hidden_dim < 1:
+            raise ConfigError(f"{where('hidden_dim')}={hidden_dim} must be a positive integer")
         return hidden_dim
     if ff_multiplier <= 0:
         raise ConfigError(f"{where('ff_multiplier')}={ff_multiplier} must be positive")
+    if multiple_of < 1:
+        raise ConfigError(f"{where('multiple_of')}={multiple_of} must be a positive integer")
     # round() first so that 8/3 * 768 = 2048.0000000000002 does not round up to 2049
-    return multiple_of * math.ceil(round(ff_multiplier * embed_dim / multiple_of, 6))
+    hidden = multiple_of * math.ceil(round(ff_multiplier * embed_dim / multiple_of, 6))
+    if hidden < 1:
+        raise ConfigError(f"{where('ff_multiplier')}={ff_multiplier} gives an FFN of width {hidden}; it must be at least 1")
+    return hidden
 
 
 def _activation(name: str):

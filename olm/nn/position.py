@@ -20,6 +20,8 @@ def _rope_inverse_frequencies(head_dim: int, base: float, scaling: dict | None) 
     if not scaling:
         return inv_freq
     kind = scaling.get("type", "llama3")
+    if not float(scaling.get("factor", 0)) > 0:
+        raise ConfigError(f"{where('scaling.factor')}={scaling.get('factor')!r} must be a positive number")
     if kind == "linear":
         return inv_freq / float(scaling["factor"])
     if kind != "llama3":

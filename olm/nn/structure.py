@@ -96,11 +96,16 @@ class Block(nn.Module):
         modules = {type(m).__module__ for m in self.modules() if isinstance(m, Block)}
         payload["block"]["imports"] = sorted(m for m in modules if m != "olm" and not m.startswith("olm."))
         tmp = directory / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, directory / CONFIG_FILE)
         tmp_weights = directory / (WEIGHTS_FILE + ".tmp")
-        save_model(self, str(tmp_weights))
-        os.replace(tmp_weights, directory / WEIGHTS_FILE)
+        try:  # both files complete before either replaces an earlier export
+            tmp.write_text(json.dumps(payload, indent=2) + "\n")
+            save_model(self, str(tmp_weights))
+            os.replace(tmp_weights, directory / WEIGHTS_FILE)
+            os.replace(tmp, directory / CONFIG_FILE)
+        except BaseException:
+            for leftover in (tmp, tmp_weights):  # e.g. a full disk: leave no partial files behind
+                leftover.unlink(missing_ok=True)
+            raise
         return directory
 
     @classmethod
@@ -117,13 +122,18 @@ class Block(nn.Module):
         try:
             payload = json.loads(config_path.read_text())
             block_config = payload["block"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{config_path} is not a valid olm block config: {exc}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise registry.ConfigError(f"{config_path} is not a valid olm block config: {reason}") from exc
+        if not isinstance(block_config, dict) or "kind" not in block_config:
+            raise registry.ConfigError(f"{config_path} is not a valid olm block config: 'block' needs a 'kind'")
         block = Block.from_config(block_config)
         if not isinstance(block, cls):
             raise TypeError(f"{directory} holds a {type(block).__name__}, not a {cls.__name__}")
         try:
             missing, unexpected = load_model(block, str(weights_path), strict=True, device=str(map_location))
         except (SafetensorError, RuntimeError, OSError) as exc:
-            raise ValueError(f"{weights_path} cannot be loaded: {str(exc).splitlines()[0]}") from exc
+            # ConfigError (a ValueError): `olm generate` and other entry points report it in one line
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise registry.ConfigError(f"{weights_path} cannot be loaded (truncated or corrupted?): {reason}") from exc
         return block

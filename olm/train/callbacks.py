@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from olm.registry import OlmError
 from olm.train.flops import flops_per_token, peak_flops
 
 
@@ -76,29 +77,64 @@ class ThroughputMonitor(L.Callback):
         return tps * self.flops_per_token / self.peak if tps and self.peak else None
 
 
+class CheckpointWriteError(OlmError, RuntimeError):
+    """A checkpoint could not be written (full disk, quota, read-only or vanished directory); names the file."""
+
+
 class AtomicModelCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose files are written to a temporary name, fsynced and renamed into place.
 
-    A run killed while writing never leaves a truncated ``last.ckpt``: the previous one survives intact.
+    Every file it writes (best-k and ``last.ckpt``: Lightning's ``_save_last_checkpoint`` and top-k saving both end in
+    ``_save_checkpoint``) goes through ``<name>.ckpt.tmp`` -> fsync -> ``os.replace`` -> fsync of the directory. A run
+    killed while writing never leaves a truncated ``last.ckpt``: the previous one survives intact, and the partial
+    ``.tmp`` (never picked by :func:`latest_checkpoint`) is removed when the next run starts. A write that fails
+    (e.g. a full disk) removes its ``.tmp`` and stops the run with :class:`CheckpointWriteError`.
     """
+
+    def __init__(self, *args, **kwargs):
+        # ``last.ckpt`` is always the newest state: never ``last-v1.ckpt`` beside a stale ``last.ckpt``.
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(*args, **kwargs)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath and os.path.isdir(self.dirpath):
+            for leftover in Path(self.dirpath).glob(f"*{self.FILE_EXTENSION}.tmp"):  # from a run killed mid-write
+                leftover.unlink(missing_ok=True)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         tmp = f"{filepath}.tmp"
-        trainer.save_checkpoint(tmp, self.save_weights_only)
-        if trainer.is_global_zero:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, filepath)
-            directory = os.open(os.path.dirname(filepath) or ".", os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+        try:
+            trainer.save_checkpoint(tmp, self.save_weights_only)
+            if trainer.is_global_zero:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, filepath)
+                directory = os.open(os.path.dirname(filepath) or ".", os.O_RDONLY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+        except OSError as exc:
+            if trainer.is_global_zero:
+                try:
+                    os.unlink(tmp)  # a partial file only takes space
+                except OSError:
+                    pass
+            kept = f"; the previous checkpoint is kept: {self.last_model_path}" if self._previous_kept(filepath) else ""
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {filepath!r}: {exc.strerror or exc}{kept}"
+            ) from exc
         trainer.strategy.barrier("olm_checkpoint")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
-        for logger in trainer.loggers:
-            logger.after_save_checkpoint(self)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)  # metrics.csv is flushed here: rows up to the checkpoint survive a kill
+
+    def _previous_kept(self, filepath: str) -> bool:
+        last = self.last_model_path
+        return bool(last) and os.path.isfile(last)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

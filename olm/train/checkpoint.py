@@ -19,4 +19,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle/zip errors come in many types; all mean the same to the user
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"checkpoint {str(path)!r} cannot be loaded (truncated or corrupted?): {reason}") from exc
+        raise ConfigError(
+            f"checkpoint {str(path)!r} cannot be loaded (truncated, corrupted, or not a plain-tensor checkpoint): "
+            f"{reason}; nothing was trained (move it away to resume from an older checkpoint with ckpt_path=...)"
+        ) from exc

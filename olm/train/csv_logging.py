@@ -42,6 +42,11 @@ class RunCSVLogger(CSVLogger):
         super().__init__(save_dir=run_dir, name="", version="")
         self._resume_step = resume_step
 
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        # Flush buffered rows with every checkpoint: after a crash or kill -9, metrics.csv holds every step the
+        # checkpoint covers (Lightning alone flushes every 100 steps), so a resumed run's history has no gap.
+        self.save()
+
     @property
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from typing import Any
@@ -12,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import olm
-from olm.registry import ConfigError
+from olm.registry import ConfigError, OlmError
 
+log = logging.getLogger("olm")
 SCHEDULES = ("cosine", "constant", "wsd", "linear")
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
@@ -54,8 +56,8 @@ def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, total_steps: i
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the message names the step."""
+class NonFiniteLossError(OlmError, RuntimeError):
+    """Training produced a NaN/inf loss; the message names the step and the last good checkpoint."""
 
 
 class LMModule(L.LightningModule):
@@ -88,7 +90,10 @@ class LMModule(L.LightningModule):
         self._fused_ce = None  # set in configure_model when the fused linear-cross-entropy kernel is used
         self._hidden_states = self.model.hidden_states  # replaced by its compiled version with compile=True
         self.wandb_run_id: str | None = None
+        if not isinstance(skip_nonfinite_batches, int) or skip_nonfinite_batches < 0:
+            raise ConfigError(f"callbacks.nan_guard.skip_batches={skip_nonfinite_batches!r} must be an integer >= 0")
         self.skip_nonfinite_batches, self.skipped_batches = skip_nonfinite_batches, 0
+        self._first_nonfinite_step = None  # device tensor: the first step (1-based) whose loss was NaN/inf, else 0
         self._train_loss_sum = None  # device tensors: summed between log steps
         self._train_loss_count = 0
         self._grad_norm = None
@@ -149,15 +154,33 @@ class LMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         idx, targets = batch
         loss = self.loss(idx, targets)
-        if self.skip_nonfinite_batches and not torch.isfinite(loss):
-            # Skipping needs the host to see every loss, a sync paid only when skipping is enabled.
-            self.skipped_batches += 1
-            if self.skipped_batches > self.skip_nonfinite_batches:
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {self.global_step} after skipping {self.skip_nonfinite_batches} batch(es)"
-                )
-            return None  # Lightning skips the optimizer step
+        step = self.global_step + 1  # the optimizer step this batch belongs to (1-based, as in metrics.csv)
+        if self.skip_nonfinite_batches:
+            # Skipping needs the host to see every loss, a sync paid only when skipping is enabled. Ranks decide
+            # together (one tiny all-reduce), so that all of them skip the same step and none waits in backward.
+            bad = (~torch.isfinite(loss.detach())).float()
+            if self.trainer.world_size > 1:
+                bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+            if bad.item() > 0:
+                value = loss.item()
+                value = str(value) if not math.isfinite(value) else f"on another rank; here {value:.4f}"
+                self.skipped_batches += 1
+                if self.skipped_batches > self.skip_nonfinite_batches:
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({value}) at step {step} after skipping "
+                        f"{self.skip_nonfinite_batches} batch(es) (callbacks.nan_guard.skip_batches); stopping. "
+                        + self._last_checkpoint_note()
+                    )
+                log.warning("non-finite loss (%s) at step %d: batch skipped (%d of %d allowed by callbacks.nan_guard.skip_batches)",
+                            value, step, self.skipped_batches, self.skip_nonfinite_batches)
+                return None  # Lightning skips backward and the optimizer update
         detached = loss.detach()
+        # Remember the first non-finite step on the device (no host sync); check_finite reports it.
+        if self._first_nonfinite_step is None:
+            self._first_nonfinite_step = torch.zeros((), dtype=torch.long, device=detached.device)
+        self._first_nonfinite_step = torch.where(
+            (self._first_nonfinite_step == 0) & ~torch.isfinite(detached), step, self._first_nonfinite_step
+        )
         self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
         self._train_loss_count += 1
         return loss
@@ -182,9 +205,9 @@ class LMModule(L.LightningModule):
         accumulating = (batch_idx + 1) % self.trainer.accumulate_grad_batches != 0
         if accumulating or step % self.log_every_n_steps != 0 or self._train_loss_sum is None:
             return
-        self.check_finite()
         # Mean over ranks: the logged loss is the global batch's, equal to a one-process run's.
         mean_loss = self.trainer.strategy.reduce(self._train_loss_sum / self._train_loss_count, reduce_op="mean")
+        self.check_finite(mean_loss)
         metrics = {"train/loss": mean_loss, "lr": self.lr_schedulers().get_last_lr()[0]}
         if self._grad_norm is not None:
             metrics["train/grad_norm"] = self._grad_norm
@@ -192,14 +215,36 @@ class LMModule(L.LightningModule):
         self.log("loss", metrics["train/loss"], on_step=True, on_epoch=False, prog_bar=True, logger=False)
         self._train_loss_sum, self._train_loss_count = None, 0
 
-    def check_finite(self) -> None:
-        """Raise if a loss since the last check was NaN/inf (one host sync; called at log steps and before
-        validation, so no checkpoint is ever written from diverged weights)."""
-        if self._train_loss_sum is not None and not torch.isfinite(self._train_loss_sum).item():
-            raise NonFiniteLossError(
-                f"non-finite training loss at or before step {self.global_step} (since the previous check); stopping, "
-                "the last checkpoint holds the last good weights"
-            )
+    def check_finite(self, reduced_loss: torch.Tensor | None = None) -> None:
+        """Raise NonFiniteLossError if a loss since the last check was NaN/inf, naming the first such step.
+
+        One host sync; called at log steps, before validation and after fit, so no checkpoint or export is ever
+        written from diverged weights. Every rank calls it at the same points and decides on the loss reduced
+        over ranks (``reduced_loss`` if the caller has it), so all ranks stop together.
+        """
+        if self._train_loss_sum is None:
+            return
+        if reduced_loss is None:
+            reduced_loss = self.trainer.strategy.reduce(self._train_loss_sum, reduce_op="sum")
+        if torch.isfinite(reduced_loss).item():
+            return
+        none = 2**40
+        first = self._first_nonfinite_step
+        first = torch.where(first > 0, first, none).double() if first is not None else torch.tensor(float(none))
+        if self.trainer.world_size > 1:
+            first = self.trainer.strategy.reduce(first.to(self.device), reduce_op="min")  # the earliest over ranks
+        first = int(first.item())
+        where = f"at step {first}" if 0 < first < none else f"at or before step {self.global_step}"
+        raise NonFiniteLossError(
+            f"non-finite training loss ({float(reduced_loss)}) {where}; stopping. " + self._last_checkpoint_note()
+        )
+
+    def _last_checkpoint_note(self) -> str:
+        callback = getattr(self.trainer, "checkpoint_callback", None)
+        path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        if path:
+            return f"The last good checkpoint is kept: {path} (resume from it with a lower lr, or set callbacks.nan_guard.skip_batches)"
+        return "No checkpoint had been written yet"
 
     # -- validation ----------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self):
@@ -283,6 +328,7 @@ class LMModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restart_epoch_over_remaining_batches(checkpoint)
         state = checkpoint.get("olm", {})
         self.wandb_run_id = state.get("wandb_run_id")
         rng = state.get("rng")
@@ -294,3 +340,20 @@ class LMModule(L.LightningModule):
         random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
         name, keys, *rest = rng["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+    @staticmethod
+    def _restart_epoch_over_remaining_batches(checkpoint: dict) -> None:
+        """Resuming from a checkpoint written mid-epoch (any kill or crash): olm's datamodule resumes the data itself,
+        its train loader yielding exactly the batches not yet trained on (from ``global_step x accumulate``). Lightning
+        would instead continue the restored epoch, count the batches done before the checkpoint against that shorter
+        loader, end the "epoch" early and replay batches. So the resumed run starts its pass over the remaining batches
+        at batch 0 of the epoch (global step, optimizer, scheduler and RNG states are restored as usual). This runs
+        before Lightning restores its loops from the same dict."""
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop") or {}
+        progress = fit_loop.get("epoch_loop.batch_progress")
+        if not isinstance(progress, dict) or progress.get("is_last_batch", True):
+            return
+        current = progress.get("current")
+        if isinstance(current, dict):
+            progress["current"] = {key: 0 for key in current}
+

@@ -12,24 +12,115 @@ their ranks from the environment.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from olm.registry import ConfigError
+from olm.registry import ConfigError, OlmError
 
+log = logging.getLogger("olm")
 DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 # A rank that dies must not leave the others blocked in a collective for the default 30 minutes.
 DEFAULT_TIMEOUT = timedelta(seconds=60)
+# After a child rank dies, the main process normally fails at its next collective (gloo: at once) and exits through
+# the usual error path; if it has not done so after this many seconds, the watchdog stops the job itself.
+WATCHDOG_GRACE_S = 10.0
+
+
+class RankFailure(OlmError, RuntimeError):
+    """A rank of a multi-process job died, or lost contact with the others; the whole job stops."""
+
+
+def _how(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+class RankWatchdog(threading.Thread):
+    """Rank 0's watch over the ranks it started (replaces Lightning's observer, which SIGKILLs the main process
+    without a word): when a child rank dies, the job ends within ``WATCHDOG_GRACE_S`` seconds with a one-line
+    error naming it, even if the main process is stuck in a collective that never notices."""
+
+    def __init__(self, procs: list[subprocess.Popen], period: float = 1.0, grace: float = WATCHDOG_GRACE_S):
+        super().__init__(daemon=True, name="olm-rank-watchdog")
+        self.procs, self.period, self.grace = procs, period, grace
+        self.stopped = threading.Event()
+        self.on_failure: Callable[[str], None] | None = None  # e.g. writes the run's failed summary.json
+
+    def dead(self) -> tuple[int, int, int] | None:
+        """(local rank, pid, return code) of the first child rank that ended with an error, else None."""
+        for rank, proc in enumerate(self.procs, start=1):
+            code = proc.poll()
+            if code not in (None, 0):
+                return rank, proc.pid, code
+        return None
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.period):
+            dead = self.dead()
+            if dead is None:
+                if all(proc.returncode == 0 for proc in self.procs):
+                    return
+                continue
+            if self.stopped.wait(self.grace):
+                return  # the main process is handling it
+            rank, pid, code = dead
+            message = f"rank {rank} (pid {pid}) {_how(code)}; stopping the whole job (rank 0 did not notice within {self.grace:.0f} s)"
+            log.error("%s", message)
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            try:
+                if self.on_failure is not None:
+                    self.on_failure(message)
+            finally:
+                for proc in self.procs:
+                    if proc.poll() is None:
+                        proc.kill()
+                os._exit(1)
 
 
 class HydraJobLauncher(_SubprocessScriptLauncher):
     """Starts ranks 1..N-1 as ``python -m olm.train.app`` on this job's saved config, in this job's run dir."""
+
+    watchdog: RankWatchdog | None = None
+
+    def launch(self, function, *args, trainer=None, **kwargs):
+        from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            self.watchdog = RankWatchdog(self.procs)
+            self.watchdog.on_failure = getattr(self, "on_failure", None)
+            self.watchdog.start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
+
+    def dead_child(self, wait: float = 0.0) -> tuple[int, int, int] | None:
+        """A child rank that ended with an error, waiting up to ``wait`` seconds for one to be reaped."""
+        import time
+
+        deadline = time.monotonic() + wait
+        while True:
+            for rank, proc in enumerate(self.procs, start=1):
+                code = proc.poll()
+                if code not in (None, 0):
+                    return rank, proc.pid, code
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
 
     def _call_children_scripts(self) -> None:
         from hydra.core.hydra_config import HydraConfig
@@ -74,22 +165,57 @@ class OlmFSDPStrategy(_OwnLauncher, FSDPStrategy):
     """FSDPStrategy whose children are single Hydra jobs (see module docstring)."""
 
 
-def cleanup_after_job(trainer) -> None:
+def cleanup_after_job(trainer, failed: bool = False) -> None:
     """Wait for this job's child ranks, drop the launcher's environment variables and the process group, so that
-    the next job of a sweep starts its own ranks."""
+    the next job of a sweep starts its own ranks. After a failure the children get a few seconds to end by
+    themselves (they usually fail too, at their next collective), then are killed: a failed job never hangs."""
     import torch.distributed as dist
 
+    if trainer is None:
+        return
     launcher = getattr(trainer.strategy, "launcher", None)
     if isinstance(launcher, HydraJobLauncher):
+        if launcher.watchdog is not None:
+            launcher.watchdog.stopped.set()
         for proc in launcher.procs:
             try:
-                proc.wait(timeout=120)
+                proc.wait(timeout=5 if failed else 120)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
         for key in DDP_ENV:
             os.environ.pop(key, None)
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a broken group (dead peer) may fail to tear down; the process is leaving anyway
+            if not failed:
+                raise
+
+
+_DIST_ERROR = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timed out|timeout|socket", re.I)
+
+
+def rank_failure(trainer, exc: BaseException) -> RankFailure | None:
+    """A one-line RankFailure when ``exc`` ended a multi-process job because another rank died or stopped
+    answering, else None (olm errors and single-process runs keep their own message)."""
+    if trainer is None or isinstance(exc, OlmError) or trainer.world_size <= 1:
+        return None
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(" This is typically")[0]  # gloo's "[file.cc:537] ..."
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if isinstance(launcher, HydraJobLauncher) and launcher.procs:
+        dead = launcher.dead_child(wait=3.0)
+        if dead is not None:
+            rank, pid, code = dead
+            return RankFailure(f"rank {rank} (pid {pid}) {_how(code)}; the whole job stops (rank 0 then saw: {first})")
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())) or (isinstance(exc, RuntimeError) and _DIST_ERROR.search(first)):
+        return RankFailure(
+            f"rank {trainer.global_rank} lost contact with the other ranks (one died or hung; see its log): {first}"
+        )
+    return None
 
 
 def resolve_strategy(trainer_cfg: dict[str, Any]) -> dict[str, Any]:

@@ -22,13 +22,65 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _safe_logger_class():
+    from lightning.pytorch.loggers import WandbLogger
+
+    class SafeWandbLogger(WandbLogger):
+        """A WandbLogger whose failures mid-run (service gone, disk full, network) turn W&B off with a warning
+        instead of stopping training; metrics.csv and summary.json keep the full record."""
+
+        _failed = False
+
+        def _guard(self, what: str, fn, *args, **kwargs):
+            if self._failed:
+                return None
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # logging must never kill a training run
+                self._failed = True
+                log.warning("W&B %s failed (%s); W&B logging is off for the rest of this run, metrics.csv and "
+                            "summary.json still get everything", what, _first_line(exc))
+                return None
+
+        def log_hyperparams(self, params) -> None:
+            self._guard("log_hyperparams", super().log_hyperparams, params)
+
+        def log_metrics(self, metrics, step=None) -> None:
+            self._guard("log", super().log_metrics, metrics, step)
+
+        def after_save_checkpoint(self, checkpoint_callback) -> None:
+            self._guard("after_save_checkpoint", super().after_save_checkpoint, checkpoint_callback)
+
+        def finalize(self, status: str) -> None:
+            self._guard("finalize", super().finalize, status)
+
+        def update_summary(self, values: dict) -> None:
+            self._guard("summary update", lambda: self.experiment.summary.update(values))
+
+    return SafeWandbLogger
+
+
+def finish_wandb() -> None:
+    """``wandb.finish()`` that never raises (one W&B run per job, also after failures)."""
+    try:
+        import wandb
+
+        wandb.finish()
+    except Exception as exc:  # logging must never kill a training run, nor hide its real error
+        log.warning("W&B finish failed (%s); the offline files in the run dir may be incomplete", _first_line(exc))
+
+
 def make_wandb_logger(cfg: DictConfig, run_dir: Path, resume_run_id: str | None = None):
     """A WandbLogger writing into ``run_dir/wandb``; a failing W&B falls back to offline, then to none, and says so.
 
     ``resume_run_id`` (stored in checkpoints) continues the same W&B run after a resume.
     """
-    from lightning.pytorch.loggers import WandbLogger
-
+    WandbLogger = _safe_logger_class()
     lc = cfg.logger
     mode = resolve_mode(lc.get("mode", "auto"))
     kwargs = dict(
@@ -52,7 +104,13 @@ def make_wandb_logger(cfg: DictConfig, run_dir: Path, resume_run_id: str | None 
                 log.warning("W&B %s failed; logging offline to %s instead", mode, run_dir / "wandb")
             return logger
         except Exception as exc:  # W&B must never kill a training run
-            log.warning("W&B (%s) could not start: %s", attempt, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning("W&B (%s) could not start: %s", attempt, _first_line(exc))
+            try:
+                import wandb
+
+                wandb.finish()  # a half-started run must not be picked up by the next attempt
+            except Exception:
+                pass
     log.warning("W&B disabled for this run; metrics.csv and summary.json are still written")
     return None
 
