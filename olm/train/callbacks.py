@@ -18,7 +18,8 @@ class ThroughputMonitor(L.Callback):
     """Logs tokens seen, tokens/s and MFU every ``log_every_n_steps`` optimizer steps (no per-step host sync).
 
     tokens per optimizer step = per-device batch x seq_len x accumulate_grad_batches x world size. The run's
-    tokens/s excludes the first logging interval (compilation and warm-up).
+    tokens/s excludes the first logging interval (compilation and warm-up) and the pauses for validation and the
+    checkpoint written after it, so it measures training steps only.
     """
 
     def __init__(self, seq_len: int, batch_size: int, log_every_n_steps: int):
@@ -31,10 +32,14 @@ class ThroughputMonitor(L.Callback):
         self._timed_tokens = 0
         self._timed_seconds = 0.0
         self._intervals = 0
+        self._paused_at = None
 
     def on_train_start(self, trainer, pl_module):
         self.tokens_per_step = self.batch_size * self.seq_len * trainer.accumulate_grad_batches * trainer.world_size
-        self.flops_per_token = flops_per_token(pl_module.model, self.seq_len)
+        import olm
+
+        with torch.device("meta"):  # the unsharded model's shapes (under FSDP pl_module.model holds one shard)
+            self.flops_per_token = flops_per_token(olm.build_model(pl_module.model_cfg), self.seq_len)
         if pl_module.device.type == "cuda":
             per_device = peak_flops(torch.cuda.get_device_name(pl_module.device))
             self.peak = per_device * trainer.world_size if per_device else None
@@ -60,12 +65,14 @@ class ThroughputMonitor(L.Callback):
         self._last_time, self._last_step = now, step
 
     def on_validation_start(self, trainer, pl_module):
-        self._val_started = time.perf_counter()
+        if trainer.state.fn == "fit" and self._last_time is not None:
+            self._paused_at = time.perf_counter()
 
-    def on_validation_end(self, trainer, pl_module):
-        # Validation time is not training time.
-        if self._last_time is not None:
-            self._last_time += time.perf_counter() - self._val_started
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # Validation and the checkpoint saved after it are not training time: resume the clock at the next batch.
+        if self._paused_at is not None:
+            self._last_time += time.perf_counter() - self._paused_at
+            self._paused_at = None
 
     @property
     def tokens_per_sec(self) -> float | None:

@@ -1,0 +1,24 @@
+"""benchmarks/throughput.py runs on the CPU with a tiny preset (correctness of the script, not speed)."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_throughput_script_on_cpu(tmp_path):
+    import throughput
+
+    rows = throughput.main(["--device", "cpu", "--presets", "lm_tiny", "--batch-sizes", "2", "--steps", "2",
+                            "--warmup", "1", "--seq-len", "32", "--vocab-size", "256", "--log-every", "1",
+                            "--out", str(tmp_path)])
+    assert [r["path"] for r in rows] == ["plain", "lightning"]
+    for row in rows:
+        assert row["tokens_per_sec"] > 0 and row["mfu"] is None and row["params"] == 40_256
+        # 6N + 12 L H Q T with N = 40,256 (lm_tiny at vocab 256, RoPE: no position table), 2 layers, 2 heads of 16
+        assert row["flops_per_token"] == 6 * 40_256 + 12 * 2 * 2 * 16 * 32
+    saved = json.loads((tmp_path / "throughput.json").read_text())
+    assert saved["rows"] == rows and "torch" in saved["meta"]
+    assert "| lm_tiny | lightning | 1 | 2 |" in (tmp_path / "throughput.md").read_text()
