@@ -1,6 +1,5 @@
 """Hydra composition: every preset composes and builds; schema errors are caught while composing."""
 
-from pathlib import Path
 
 import pytest
 import torch

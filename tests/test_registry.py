@@ -1,7 +1,6 @@
 """Registry: every component builds and trains, errors are one line with suggestions, plugins, save/load."""
 
 import json
-import sys
 import textwrap
 
 import pytest

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from olm import registry
-from olm.nn.structure import Block
+from olm.nn.structure import Block, check_dropout
 from olm.registry import ConfigError, register, where
 
 
@@ -65,8 +65,7 @@ class Attention(Block):
             raise ConfigError(f"{where('num_kv_heads')}={num_kv_heads} must divide num_heads={num_heads}")
         if window is not None and window < 1:
             raise ConfigError(f"{where('window')}={window} must be a positive number of positions")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"{where('dropout')}={dropout} must be in [0, 1)")
+        check_dropout(dropout)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.causal, self.window, self.softcap, self.dropout = causal, window, softcap, dropout
         self.scale = scale if scale is not None else head_dim**-0.5

@@ -30,6 +30,12 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"block argument {value!r} of type {type(value).__name__} cannot be saved as JSON")
 
 
+def check_dropout(dropout: float) -> None:
+    """Dropout probabilities are checked once here for every block that takes one."""
+    if not 0.0 <= dropout < 1.0:
+        raise registry.ConfigError(f"{registry.where('dropout')}={dropout} must be in [0, 1)")
+
+
 class Block(nn.Module):
     """Base class of olm modules: records its constructor arguments as ``self.config``.
 

@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from olm.registry import ConfigError
 

@@ -11,7 +11,7 @@ from olm.nn.attention import KVCache
 from olm.nn.blocks.embedding import TokenEmbedding
 from olm.nn.blocks.output_head import OutputHead
 from olm.nn.blocks.transformer_block import TransformerBlock
-from olm.nn.structure import Block
+from olm.nn.structure import Block, check_dropout
 from olm.registry import ConfigError, register, where
 
 
@@ -62,8 +62,7 @@ class LM(Block):
         for key, value in dict(vocab_size=vocab_size, embed_dim=embed_dim, num_heads=num_heads, num_layers=num_layers, max_seq_len=max_seq_len, pad_vocab_to=pad_vocab_to).items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{where(key)}={value!r} must be a positive integer")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"{where('dropout')}={dropout} must be in [0, 1)")
+        check_dropout(dropout)
         self.vocab_size, self.max_seq_len, self.causal = vocab_size, max_seq_len, causal
         padded_vocab = pad_vocab_to * math.ceil(vocab_size / pad_vocab_to)
         block_kwargs = dict(

@@ -5,7 +5,7 @@ from torch import nn
 
 from olm import registry
 from olm.nn.attention import KVCache
-from olm.nn.structure import Block
+from olm.nn.structure import Block, check_dropout
 from olm.registry import ConfigError, register, where
 
 
@@ -42,8 +42,7 @@ class TransformerBlock(Block):
         super().__init__()
         if embed_dim % num_heads:
             raise ConfigError(f"{where('embed_dim')}={embed_dim} must be divisible by {where('num_heads')}={num_heads} (all heads share one size)")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"{where('dropout')}={dropout} must be in [0, 1)")
+        check_dropout(dropout)
         registry.get("position", registry.split_spec(position, where("position"))[0], where("position"))
         attention_spec = _with_defaults("attention", attention, bias=bias, num_kv_heads=num_kv_heads)
         ffn_spec = _with_defaults("ffn", ffn, bias=bias)
