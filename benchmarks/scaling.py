@@ -27,12 +27,17 @@ def run_point(n: int, args) -> dict:
         "--batch-sizes", str(args.batch_size), "--devices", str(n), "--strategy", args.strategy if n > 1 else "auto",
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
         "--vocab-size", str(args.vocab_size), "--fused-loss", args.fused_loss,
-        "--attention-backend", args.attention_backend,
+        "--attention-backend", args.attention_backend, "--compile-mode", args.compile_mode,
+        "--compile-scope", args.compile_scope, "--gradient-compression", args.gradient_compression,
     ]
     if args.compile:
         command.append("--compile")
     if args.activation_checkpointing:
         command.append("--activation-checkpointing")
+    if args.compile_options:
+        command += ["--compile-options", *args.compile_options]
+    if args.ddp_options:
+        command += ["--ddp-options", *args.ddp_options]
     if args.override:
         command += ["--override", *args.override]
     out = subprocess.run(command, capture_output=True, text=True)
@@ -54,8 +59,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--fused-loss", default="false")
+    parser.add_argument("--compile-mode", default="default")
+    parser.add_argument("--compile-scope", default="model", choices=["model", "blocks"])
+    parser.add_argument("--compile-options", nargs="*", default=[], help="inductor options, e.g. coordinate_descent_tuning=true")
+    parser.add_argument("--gradient-compression", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--ddp-options", nargs="*", default=[], help="e.g. bucket_cap_mb=100 gradient_as_bucket_view=true")
     parser.add_argument("--override", nargs="*", default=[])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -67,11 +77,12 @@ def main(argv=None) -> list[dict]:
         print(json.dumps(row), flush=True)
     base = next((r["tokens_per_sec"] for r in rows if r["world_size"] == 1), None)
     lines = [f"date {date.today().isoformat()}; command: `python benchmarks/scaling.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-             "| GPUs | strategy | batch/GPU | tokens/s | efficiency | MFU | peak mem GiB/GPU |", "|---|---|---|---|---|---|---|"]
+             "| GPUs | strategy | compile scope | grad. compression | DDP options | batch/GPU | tokens/s | efficiency | MFU | peak mem GiB/GPU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         r["efficiency"] = round(r["tokens_per_sec"] / (r["world_size"] * base), 3) if base else None
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        lines.append(f"| {r['world_size']} | {r['strategy']} | {r['batch_size']} | {r['tokens_per_sec']:,} | {r['efficiency']} | {mfu} | {r['peak_mem_gib']} |")
+        lines.append(f"| {r['world_size']} | {r['strategy']} | {r.get('compile_scope')} | {r.get('gradient_compression')} | {r.get('ddp_options') or '-'} | {r['batch_size']} | {r['tokens_per_sec']:,} | {r['efficiency']} | {mfu} | {r['peak_mem_gib']} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:

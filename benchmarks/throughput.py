@@ -49,7 +49,22 @@ def make_module(model_cfg: dict, args, compile: bool):
     optim = {"lr": 6e-4, "weight_decay": 0.1, "betas": [0.9, 0.95], "fused": args.device == "cuda"}
     return LMModule(model_cfg, optim, {"name": "cosine", "warmup_steps": 10}, max_steps=args.warmup + args.steps,
                     log_every_n_steps=args.log_every, compile=compile, fused_loss=args.fused_loss,
-                    activation_checkpointing=args.activation_checkpointing, attention_backend=args.attention_backend)
+                    activation_checkpointing=args.activation_checkpointing, attention_backend=args.attention_backend,
+                    compile_mode=args.compile_mode, compile_scope=args.compile_scope,
+                    compile_options=parse_options(args.compile_options))
+
+
+def parse_options(items: list[str]) -> dict:
+    """["bucket_cap_mb=100", "gradient_as_bucket_view=true"] -> {"bucket_cap_mb": 100, ...} (values read as YAML)."""
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"option {item!r} is not KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return options
 
 
 def synthetic_batches(n: int, batch_size: int, seq_len: int, vocab_size: int, seed: int = 0):
@@ -129,7 +144,10 @@ def lightning_loop(model_cfg, batch_size, args) -> dict:
     rank = int(os.environ.get("LOCAL_RANK", 0))  # each DDP rank gets its own synthetic tokens
     batches = synthetic_batches(args.warmup + args.steps, batch_size, args.seq_len, model_cfg["vocab_size"], seed=rank)
     loader = DataLoader(batches, batch_size=None, pin_memory=args.device == "cuda")
-    strategy = resolve_strategy({"strategy": args.strategy})["strategy"]
+    strategy = args.strategy
+    if strategy == "ddp" and (args.gradient_compression != "none" or args.ddp_options):
+        strategy = {"name": "ddp", "gradient_compression": args.gradient_compression, **parse_options(args.ddp_options)}
+    strategy = resolve_strategy({"strategy": strategy})["strategy"]
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=args.devices, strategy=strategy,
         precision="bf16-mixed" if args.device == "cuda" else "32-true",
@@ -170,6 +188,10 @@ def run_case(preset: str, batch_size: int, path: str, args) -> dict:
         "step_ms": round(1000 * result["seconds"] / args.steps, 2),
         "compile": args.compile, "fused_loss": str(args.fused_loss), "fused_ce_used": module._fused_ce is not None,
         "activation_checkpointing": args.activation_checkpointing, "attention_backend": args.attention_backend,
+        "compile_mode": args.compile_mode, "compile_scope": args.compile_scope if args.compile else None,
+        "compile_options": " ".join(args.compile_options) or None,
+        "gradient_compression": args.gradient_compression if world_size > 1 else None,
+        "ddp_options": " ".join(args.ddp_options) if world_size > 1 else None,
         "flops_per_token": fpt,
     }
     del module
@@ -199,6 +221,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"])
+    parser.add_argument("--compile-scope", default="model", choices=["model", "blocks"])
+    parser.add_argument("--compile-options", nargs="*", default=[], help="inductor options, e.g. coordinate_descent_tuning=true")
+    parser.add_argument("--gradient-compression", default="none", choices=["none", "bf16", "fp16"], help="DDP only")
+    parser.add_argument("--ddp-options", nargs="*", default=[], help="trainer.strategy keys for DDP, e.g. bucket_cap_mb=100")
     parser.add_argument("--fused-loss", default="false", type=lambda v: {"true": True, "false": False}.get(v, v))
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"])

@@ -22,3 +22,17 @@ def test_throughput_script_on_cpu(tmp_path):
     saved = json.loads((tmp_path / "throughput.json").read_text())
     assert saved["rows"] == rows and "torch" in saved["meta"]
     assert "| lm_tiny | lightning | 1 | 2 |" in (tmp_path / "throughput.md").read_text()
+
+
+def test_profile_script_on_cpu(tmp_path):
+    import profile_step
+
+    result = profile_step.main(["--device", "cpu", "--preset", "lm_tiny", "--batch-size", "2", "--seq-len", "32",
+                                "--vocab-size", "256", "--warmup", "1", "--steps", "2", "--out", str(tmp_path)])
+    families = result["families_ms_per_step"]
+    assert abs(sum(families.values()) - result["busy_ms_per_step"]) < 0.05 * result["busy_ms_per_step"] + 0.02
+    assert "optimizer" in families and "attention" in families  # AdamW and SDPA are found by name
+    assert 0 < result["gpu_busy_fraction"] <= 1.5 and len(result["top_kernels"]) > 5
+    saved = json.loads((tmp_path / "profile_lm_tiny.json").read_text())
+    assert saved["families_ms_per_step"] == families
+    assert json.loads((tmp_path / "trace_lm_tiny.json").read_text())["traceEvents"]

@@ -556,6 +556,13 @@ BAD_RUNS = {
     "zero steps": (["trainer.max_steps=0"], "trainer.max_steps=0 must be a positive integer"),
     "bad skip count": (["callbacks.nan_guard.skip_batches=-1"], "callbacks.nan_guard.skip_batches=-1 must be an integer >= 0"),
     "bad betas": (["optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
+    "cuda-graph compile mode": (["compile_mode=reduce-overhead"],
+                                "compile_mode='reduce-overhead' is not supported; supported: default, max-autotune-no-cudagraphs"),
+    "unknown inductor option": (["+compile_options.coordinate_descent=true"],
+                                "compile_options.coordinate_descent is not a torch inductor option"),
+    "bad compile scope": (["compile_scope=layers"], "compile_scope='layers' is not known; known: model, blocks"),
+    "bad gradient compression": (["trainer.strategy={{name:ddp,gradient_compression:int8}}"],
+                                 "trainer.strategy.gradient_compression='int8' is not known; known: none, bf16, fp16"),
 }
 
 

@@ -247,6 +247,9 @@ def train(cfg: DictConfig) -> float | None:
         skip_nonfinite_batches=int(cfg.callbacks.nan_guard.skip_batches),
         fused_loss=cfg.get("fused_loss", "auto"),
         attention_backend=cfg.get("attention_backend", "auto"),
+        compile_mode=cfg.get("compile_mode", "default"),
+        compile_scope=cfg.get("compile_scope", "model"),
+        compile_options=OmegaConf.to_container(cfg.compile_options, resolve=True) if cfg.get("compile_options") else None,
     )
     num_params = module.model.num_parameters()
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

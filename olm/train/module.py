@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -18,6 +19,37 @@ from olm.registry import ConfigError, OlmError
 log = logging.getLogger("olm")
 SCHEDULES = ("cosine", "constant", "wsd", "linear")
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+# torch.compile modes olm's training step supports. The CUDA-graph modes (reduce-overhead, max-autotune) are refused:
+# the profiled step keeps the GPU 98% busy, so graphs could win at most ~2%, and they break on tied embeddings.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# What one compiled graph covers: the whole model and loss, or each transformer block (plus one for head and loss).
+COMPILE_SCOPES = ("model", "blocks")
+
+
+def inductor_options(mode: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The inductor options of a compile ``mode`` updated with ``options`` (``compile_options`` in the config), checked
+    here so that a typo is a one-line error naming the key instead of torch's list of every option."""
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode={mode!r} is not supported; supported: {', '.join(COMPILE_MODES)}")
+    if mode == "default" and not options:
+        return {}
+    if not isinstance(options, dict | None):
+        raise ConfigError(f"compile_options must be a mapping of inductor options, got {options!r}")
+    from torch._inductor import config as inductor_config
+    from torch._inductor import list_mode_options
+
+    merged = dict(list_mode_options(mode))
+    for key, value in (options or {}).items():
+        node = inductor_config
+        for part in str(key).split("."):
+            if not hasattr(node, part):
+                raise ConfigError(f"compile_options.{key} is not a torch inductor option; e.g. coordinate_descent_tuning, "
+                                  "max_autotune, epilogue_fusion (torch._inductor.config)")
+            node = getattr(node, part)
+        if key == "triton.cudagraphs" and value:
+            raise ConfigError("compile_options.triton.cudagraphs=true is not supported by olm's training step (see compile_mode)")
+        merged[key] = value
+    return merged
 
 
 def select_sdpa_backend(name: str) -> None:
@@ -71,7 +103,8 @@ class LMModule(L.LightningModule):
 
     def __init__(self, model_cfg: dict, optim: dict, scheduler: dict, *, max_steps: int, log_every_n_steps: int = 10,
                  compile: bool = False, bytes_per_token: float | None = None, activation_checkpointing: bool = False,
-                 skip_nonfinite_batches: int = 0, fused_loss: str | bool = "auto", attention_backend: str = "auto"):
+                 skip_nonfinite_batches: int = 0, fused_loss: str | bool = "auto", attention_backend: str = "auto",
+                 compile_mode: str = "default", compile_scope: str = "model", compile_options: dict | None = None):
         super().__init__()
         self.model_cfg = dict(model_cfg)
         self.model = olm.build_model(self.model_cfg)
@@ -87,6 +120,16 @@ class LMModule(L.LightningModule):
         if attention_backend not in SDPA_BACKENDS:
             raise ConfigError(f"attention_backend={attention_backend!r} is not known; known: {', '.join(SDPA_BACKENDS)}")
         self.attention_backend = attention_backend
+        if compile_scope not in COMPILE_SCOPES:
+            raise ConfigError(f"compile_scope={compile_scope!r} is not known; known: {', '.join(COMPILE_SCOPES)}")
+        self.compile_scope = compile_scope
+        self.compile_mode = compile_mode
+        # Checked (importing inductor takes seconds) when compiling, or when set without compile=true.
+        options_set = any(compile_options.values()) if isinstance(compile_options, dict) else bool(compile_options)
+        if compile or compile_mode != "default" or options_set:
+            self.compile_options = inductor_options(compile_mode, compile_options)
+        else:
+            self.compile_options = {}
         self._fused_ce = None  # set in configure_model when the fused linear-cross-entropy kernel is used
         self._hidden_states = self.model.hidden_states  # replaced by its compiled version with compile=True
         self.wandb_run_id: str | None = None
@@ -110,10 +153,18 @@ class LMModule(L.LightningModule):
             # Dynamo's DDP optimizer splits the compiled graph at gradient-bucket boundaries to overlap all-reduce
             # with backward; measured here it cost far more in lost fusion than it gained (benchmarks/RESULTS.md).
             torch._dynamo.config.optimize_ddp = False
-            # Compile the token-to-hidden-state body; parameter names (and checkpoints) are unchanged. Without the
-            # fused kernel the head and loss are compiled with it, so log-softmax fuses with the logits.
-            self._hidden_states = torch.compile(self.model.hidden_states)
-            self._compiled_loss = torch.compile(self._unfused_loss)
+            compile = functools.partial(torch.compile, options=self.compile_options or None)
+            if self.compile_scope == "model":
+                # One graph from token ids to the loss; parameter names (and checkpoints) are unchanged. Without the
+                # fused kernel the head and loss are in the graph, so log-softmax fuses with the logits.
+                self._hidden_states = compile(self.model.hidden_states)
+                self._compiled_loss = compile(self._unfused_loss)
+            else:
+                # Regional compilation: each transformer block is compiled in place (names unchanged), identical blocks
+                # share one compiled graph, so compile time does not grow with depth; head and loss are one more graph.
+                for block in self.model.blocks:
+                    block.compile(options=self.compile_options or None)
+                self._compiled_head_loss = compile(self._head_loss)
             self._compiled = True
 
     def _make_fused_ce(self):
@@ -134,9 +185,13 @@ class LMModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def _unfused_loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        logits = self.model.head(self._hidden_states(idx))  # (B, T, V); fp32 inside cross_entropy under autocast
+    def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        logits = self.model.head(hidden)  # (B, T, V); fp32 inside cross_entropy under autocast
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+
+    def _unfused_loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        head_loss = getattr(self, "_compiled_head_loss", self._head_loss)
+        return head_loss(self._hidden_states(idx), targets, reduction)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Next-token cross-entropy, plus any auxiliary loss the model reports (e.g. MoE load balancing)."""

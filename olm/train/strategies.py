@@ -34,6 +34,9 @@ DEFAULT_TIMEOUT = timedelta(seconds=60)
 # After a child rank dies, the main process normally fails at its next collective (gloo: at once) and exits through
 # the usual error path; if it has not done so after this many seconds, the watchdog stops the job itself.
 WATCHDOG_GRACE_S = 10.0
+# DDP gradient all-reduce in a 16-bit type (torch's comm hooks): half the bytes on the wire; each bucket is cast
+# down, summed in 16 bits over ranks, divided and cast back, so gradients differ from fp32 averaging by rounding.
+GRADIENT_COMPRESSION = {"none": None, "bf16": "bf16_compress_hook", "fp16": "fp16_compress_hook"}
 
 
 class RankFailure(OlmError, RuntimeError):
@@ -220,7 +223,8 @@ def rank_failure(trainer, exc: BaseException) -> RankFailure | None:
 
 def resolve_strategy(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
     """``trainer.strategy``: a Lightning name (auto, ddp_spawn, ...), ``ddp``, or a mapping
-    ``{name: ddp|fsdp, ...options}`` (FSDP: ``activation_checkpointing``, ``sharding_strategy``, ...)."""
+    ``{name: ddp|fsdp, ...options}`` (DDP: ``gradient_compression``, ``bucket_cap_mb``, ...; FSDP:
+    ``activation_checkpointing``, ``sharding_strategy``, ...)."""
     cfg = dict(trainer_cfg)
     strategy = cfg.get("strategy", "auto")
     if strategy == "ddp":
@@ -235,6 +239,17 @@ def resolve_strategy(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
     options["timeout"] = timedelta(seconds=float(options["timeout"]))
     try:
         if name == "ddp":
+            compression = options.pop("gradient_compression", None) or "none"
+            if compression not in GRADIENT_COMPRESSION:
+                raise ConfigError(f"trainer.strategy.gradient_compression={compression!r} is not known; known: "
+                                  + ", ".join(GRADIENT_COMPRESSION))
+            if compression == "bf16" and cfg.get("accelerator") == "cpu":
+                raise ConfigError("trainer.strategy.gradient_compression=bf16 needs GPUs (torch's bf16 hook requires NCCL); "
+                                  "on CPU use fp16 or none")
+            if GRADIENT_COMPRESSION[compression] is not None:
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                options["ddp_comm_hook"] = getattr(default_hooks, GRADIENT_COMPRESSION[compression])
             cfg["strategy"] = OlmDDPStrategy(**options)
         elif name == "fsdp":
             from olm.nn.blocks import TransformerBlock

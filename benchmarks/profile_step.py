@@ -1,0 +1,171 @@
+"""Where a training step's GPU time goes: torch.profiler over a few full steps (forward, backward, clipping, AdamW)
+of an olm preset, after warm-up, grouped into kernel families.
+
+    python benchmarks/profile_step.py --preset gpt2_small --batch-size 32 --compile --out results/
+    python benchmarks/profile_step.py --device cpu --preset lm_tiny --batch-size 2 --seq-len 32 --vocab-size 256
+    torchrun --nproc-per-node 4 benchmarks/profile_step.py --preset gpt2_small --compile   # DDP; rank 0 reports
+
+Prints the share of GPU time per family (matmul, attention, fused/elementwise, cross-entropy, optimizer,
+communication, other), the 25 most expensive kernels, and the GPU-busy fraction of the wall time (idle gaps mean
+the host is not keeping up). Under torchrun the model is wrapped in DistributedDataParallel (NCCL on GPUs, gloo on
+CPUs) and rank 0's step is profiled, so gradient communication shows up in its own family. ``--out`` also writes a Chrome trace (open in chrome://tracing or Perfetto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# Kernel name patterns, first match wins (cuBLAS/CUTLASS GEMMs, SDPA kernels, inductor's Triton kernels, ...).
+FAMILIES = [
+    ("attention", r"flash|fmha|attention|sdpa|cudnn.*(mha|sdpa)|_efficient_attention"),
+    ("matmul", r"gemm|sm90_xmma|cutlass|ampere_|sm80_|nvjet|matmul|triton_tem_fused_mm|mm_|^aten::(add|b)?mm$|^aten::linear$"),
+    ("optimizer", r"adam|foreach|multi_tensor|fused_adamw|clip|norm_kernel_multi"),
+    ("communication", r"nccl|allreduce|all_reduce|reduce_scatter|allgather"),
+    ("cross-entropy", r"cross_entropy|log_softmax|nll_loss|logsumexp"),
+    ("fused (inductor)", r"^triton_"),
+    ("elementwise/other", r".*"),
+]
+
+
+def family(name: str) -> str:
+    for label, pattern in FAMILIES:
+        if re.search(pattern, name, re.I):
+            return label
+    return "elementwise/other"
+
+
+def main(argv=None) -> dict:
+    import throughput
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="gpt2_small")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--vocab-size", type=int, default=50257)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-mode", default="default")
+    parser.add_argument("--compile-scope", default="model", choices=["model", "blocks"])
+    parser.add_argument("--compile-options", nargs="*", default=[], help="inductor options, e.g. coordinate_descent_tuning=true")
+    parser.add_argument("--fused-loss", default="false", type=lambda v: {"true": True, "false": False}.get(v, v))
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--override", nargs="*", default=[])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--gradient-compression", default="none", choices=["none", "bf16", "fp16"], help="under torchrun")
+    parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP gradient bucket size (under torchrun)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    args.activation_checkpointing, args.log_every = False, 10
+    torch.set_float32_matmul_precision("high")
+
+    model_cfg = throughput.model_config(args.preset, args.vocab_size, args.seq_len, args.override)
+    module = throughput.make_module(model_cfg, args, args.compile).to(args.device)
+    module.configure_model()
+    optimizer = module.configure_optimizers()["optimizer"]
+    batches = [(x.to(args.device), y.to(args.device)) for x, y in
+               throughput.synthetic_batches(2, args.batch_size, args.seq_len, model_cfg["vocab_size"], seed=rank)]
+    cuda = args.device == "cuda"
+    loss_of = module.loss
+    if world_size > 1:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        from torch.nn.parallel import DistributedDataParallel
+
+        class Loss(torch.nn.Module):  # DDP hooks its reducer into forward, so the loss is the forward here
+            def __init__(self):
+                super().__init__()
+                self.module = module
+
+            def forward(self, x, y):
+                return self.module.loss(x, y)
+
+        ddp = DistributedDataParallel(Loss(), device_ids=[torch.cuda.current_device()] if cuda else None,
+                                      bucket_cap_mb=args.bucket_cap_mb)
+        if args.gradient_compression != "none":
+            ddp.register_comm_hook(None, getattr(default_hooks, f"{args.gradient_compression}_compress_hook"))
+        loss_of = ddp
+
+    def step(i):
+        x, y = batches[i % len(batches)]
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=cuda):
+            loss = loss_of(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    module.train()
+    for i in range(args.warmup):
+        step(i)
+    throughput.sync(args.device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for i in range(args.steps):
+            step(i)
+        throughput.sync(args.device)
+        wall_us = (time.perf_counter() - start) * 1e6
+
+    by_family: dict[str, float] = defaultdict(float)
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if cuda and (event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False)):
+            continue  # GPU kernels only; record_function ranges (e.g. "Optimizer.step") would count their kernels twice
+        if not cuda and event.cpu_parent is not None:  # CPU: top-level ops only, so that time is not counted twice
+            continue
+        us = event.device_time if cuda else event.cpu_time_total
+        by_family[family(event.name)] += us
+        kernels[event.name][0] += us
+        kernels[event.name][1] += 1
+    busy = sum(by_family.values())
+    result = {
+        "world_size": world_size, "gradient_compression": args.gradient_compression if world_size > 1 else None,
+        "preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len, "compile": args.compile,
+        "compile_mode": args.compile_mode, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__, "step_ms": round(wall_us / args.steps / 1000, 2),
+        "busy_ms_per_step": round(busy / args.steps / 1000, 2), "gpu_busy_fraction": round(busy / wall_us, 3),
+        "families_ms_per_step": {k: round(v / args.steps / 1000, 2) for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            {"name": name[:120], "ms_per_step": round(t / args.steps / 1000, 3), "calls_per_step": n // args.steps,
+             "family": family(name)}
+            for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+        ],
+    }
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        if rank != 0:
+            return result
+    print(json.dumps({k: v for k, v in result.items() if k != "top_kernels"}), flush=True)
+    print(f"{'ms/step':>8} {'calls':>5}  family            kernel")
+    for k in result["top_kernels"]:
+        print(f"{k['ms_per_step']:8.3f} {k['calls_per_step']:5d}  {k['family']:<17} {k['name']}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"profile_{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
+        prof.export_chrome_trace(str(args.out / f"trace_{args.preset}.json"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
