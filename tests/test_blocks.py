@@ -155,3 +155,25 @@ def test_parameter_count_gpt2_small():
     expected = V * C + T * C + L * per_block + 2 * C
     assert model.num_parameters() == expected == 124_439_808  # GPT-2 small's published count
     assert model.num_parameters(exclude_position_embeddings=True) == expected - T * C
+
+
+def test_rope_tables_are_shared_by_the_layers_of_a_model_and_stay_fp32():
+    """One cos/sin pair per model, not per layer (131k-position presets would hold 128 MB per layer otherwise)."""
+    import copy
+
+    import olm
+
+    cfg = {"name": "lm", "vocab_size": 64, "embed_dim": 32, "num_heads": 2, "num_layers": 4, "max_seq_len": 4096}
+    model, other = olm.build_model(cfg), olm.build_model(cfg)
+    ptrs = lambda m: {b.attention.position.cos.data_ptr() for b in m.blocks} | {b.attention.position.sin.data_ptr() for b in m.blocks}
+    assert len(ptrs(model)) == 2 and ptrs(model).isdisjoint(ptrs(other))  # models do not share with each other
+    assert sum(b.numel() for b in model.buffers()) == 2 * 4096 * 16  # counted once: (T, head_dim) cos and sin
+    x = torch.randint(0, 64, (1, 8))
+    expected = model(x)
+    model.to(torch.bfloat16).to(torch.float64)  # casts move the tables once, and never change their dtype
+    assert len(ptrs(model)) == 2 and model.blocks[0].attention.position.cos.dtype == torch.float32
+    twin = copy.deepcopy(other)
+    assert len(ptrs(twin)) == 2 and ptrs(twin).isdisjoint(ptrs(other))
+    other.load_state_dict(model.state_dict())
+    assert "cos" not in " ".join(model.state_dict())  # derived from the config, never saved
+    assert torch.allclose(other.double()(x), model(x)) and expected.shape == model(x).shape

@@ -6,6 +6,8 @@ Each class says where it acts through ``applies_to``:
 - ``"none"``: no position information at all (attention is then permutation-equivariant apart from the mask).
 """
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -57,18 +59,30 @@ class RotaryEmbedding(Block):
         if self.rotary_dim % 2 or self.rotary_dim > head_dim:
             raise ConfigError(f"{where('rotary_dim')}={self.rotary_dim} must be even and at most head_dim={head_dim}")
         inv_freq = _rope_inverse_frequencies(self.rotary_dim, base, scaling)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (T, rotary_dim/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (T, rotary_dim)
-        # Not persistent: derived from the config, so checkpoints stay small and never disagree with it.
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        # The cos/sin tables depend only on these values: the layers of one model (built inside shared_rope_tables(),
+        # as LM does) with the same ones share one pair of tensors, moved once per `.to()`. Per-layer copies would
+        # cost, e.g., 128 MB per layer at 131k positions. Not persistent: derived from the config, so checkpoints
+        # stay small and never disagree with it.
+        shared = _SHARED_TABLES.get()
+        key = (self.rotary_dim, max_seq_len, float(base), repr(sorted((scaling or {}).items())))
+        tables = shared.get(key) if shared is not None else None
+        if tables is None:
+            tables = _RopeTables(inv_freq, max_seq_len)
+            if shared is not None:
+                shared[key] = tables
+        self.tables = tables
+        self.register_buffer("cos", tables.cos, persistent=False)
+        self.register_buffer("sin", tables.sin, persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # Keep the tables in fp32 when the model is cast to bf16: rounding angles hurts long positions.
-        cos, sin = self.cos, self.sin
-        out = super()._apply(fn, recurse)
-        self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
-        return out
+        # Module._apply hands the same fn to every layer: the shared tables are converted by the first layer and
+        # reused by the others. Only their device follows fn: they stay fp32 when the model is cast to bf16
+        # (rounded angles hurt long positions).
+        del self._buffers["cos"], self._buffers["sin"]
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers["cos"], self._buffers["sin"] = self.tables.apply(fn)
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         # q: (B, H, T, hd), k: (B, KV, T, hd)
@@ -76,6 +90,35 @@ class RotaryEmbedding(Block):
         cos = self.cos[offset : offset + T]
         sin = self.sin[offset : offset + T]
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
+
+
+class _RopeTables:
+    """(max_seq_len, rotary_dim) fp32 cos and sin of position x frequency (computed in fp64), shared by layers."""
+
+    def __init__(self, inv_freq: torch.Tensor, max_seq_len: int):
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq.to(torch.empty(0).device))
+        angles = torch.cat([angles, angles], dim=-1)  # (T, rotary_dim)
+        self.cos, self.sin = angles.cos().float(), angles.sin().float()
+        self._last_fn = None
+
+    def apply(self, fn) -> tuple[torch.Tensor, torch.Tensor]:
+        if fn is not self._last_fn:  # a new .to()/.cuda()/...: move once, for all layers
+            device = fn(self.cos[:0]).device
+            self.cos, self.sin, self._last_fn = self.cos.to(device), self.sin.to(device), fn
+        return self.cos, self.sin
+
+
+_SHARED_TABLES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("olm_shared_rope_tables", default=None)
+
+
+@contextlib.contextmanager
+def shared_rope_tables():
+    """Rotary embeddings built inside share their cos/sin tables (one pair per distinct configuration)."""
+    token = _SHARED_TABLES.set({})
+    try:
+        yield
+    finally:
+        _SHARED_TABLES.reset(token)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from olm.nn.attention import KVCache
 from olm.nn.blocks.embedding import TokenEmbedding
 from olm.nn.blocks.output_head import OutputHead
 from olm.nn.blocks.transformer_block import TransformerBlock
+from olm.nn.position import shared_rope_tables
 from olm.nn.structure import Block, check_dropout
 from olm.registry import ConfigError, register, where
 
@@ -71,16 +72,17 @@ class LM(Block):
         )
         overrides = list(registry._plain(block_overrides) or [{}])
         blocks = []
-        for i in range(num_layers):
-            override = dict(overrides[i % len(overrides)] or {})
-            unknown = set(override) - set(block_kwargs) - {"ff_multiplier"}
-            if unknown:
-                raise ConfigError(
-                    f"{where('block_overrides')}[{i % len(overrides)}].{sorted(unknown)[0]} is not overridable; known: "
-                    f"{', '.join(list(block_kwargs) + ['ff_multiplier'])}"
-                )
-            kwargs = {**block_kwargs, "ff_multiplier": ff_multiplier, **override}
-            blocks.append(TransformerBlock(embed_dim, num_heads, max_seq_len, dropout, causal, **kwargs))
+        with shared_rope_tables():  # one cos/sin table for all layers, not one per layer
+            for i in range(num_layers):
+                override = dict(overrides[i % len(overrides)] or {})
+                unknown = set(override) - set(block_kwargs) - {"ff_multiplier"}
+                if unknown:
+                    raise ConfigError(
+                        f"{where('block_overrides')}[{i % len(overrides)}].{sorted(unknown)[0]} is not overridable; "
+                        f"known: {', '.join(list(block_kwargs) + ['ff_multiplier'])}"
+                    )
+                kwargs = {**block_kwargs, "ff_multiplier": ff_multiplier, **override}
+                blocks.append(TransformerBlock(embed_dim, num_heads, max_seq_len, dropout, causal, **kwargs))
         embedding = TokenEmbedding(padded_vocab, embed_dim, max_seq_len, dropout, position=position, scale=embed_scale)
         head = OutputHead(embed_dim, padded_vocab, bias=head_bias, norm=norm, softcap=logit_softcap)
         self.layers = nn.ModuleList([embedding, *blocks, head])
