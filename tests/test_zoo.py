@@ -191,3 +191,16 @@ def test_cli_models_and_convert(tmp_path, capsys):
     torch.testing.assert_close(LM.load(tmp_path / "back")(x), model(x))
     assert cli_main(["convert", "--from-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "config.json does not exist" in capsys.readouterr().err
+
+
+def test_imported_model_shares_rope_tables_and_moves(tmp_path):
+    """from_hf builds on the meta device: the RoPE tables come back computed once, shared, and follow .to()."""
+    model = from_hf(tiny_hf("llama"))
+    positions = [b.attention.position for b in model.blocks]
+    assert len({p.cos.data_ptr() for p in positions}) == 1 and not positions[0].cos.is_meta
+    fresh = type(model).from_config(model.to_config())
+    assert torch.equal(positions[0].cos, fresh.blocks[0].attention.position.cos)
+    model.to(torch.float64)
+    assert len({p.cos.data_ptr() for p in positions}) == 1 and positions[0].cos.dtype == torch.float32
+    x = torch.randint(0, 100, (1, 8))
+    assert torch.isfinite(model(x)).all()

@@ -58,7 +58,7 @@ class RotaryEmbedding(Block):
         self.rotary_dim = rotary_dim or head_dim
         if self.rotary_dim % 2 or self.rotary_dim > head_dim:
             raise ConfigError(f"{where('rotary_dim')}={self.rotary_dim} must be even and at most head_dim={head_dim}")
-        inv_freq = _rope_inverse_frequencies(self.rotary_dim, base, scaling)
+        _rope_inverse_frequencies(self.rotary_dim, base, scaling)  # checks the scaling settings
         # The cos/sin tables depend only on these values: the layers of one model (built inside shared_rope_tables(),
         # as LM does) with the same ones share one pair of tensors, moved once per `.to()`. Per-layer copies would
         # cost, e.g., 128 MB per layer at 131k positions. Not persistent: derived from the config, so checkpoints
@@ -67,12 +67,16 @@ class RotaryEmbedding(Block):
         key = (self.rotary_dim, max_seq_len, float(base), repr(sorted((scaling or {}).items())))
         tables = shared.get(key) if shared is not None else None
         if tables is None:
-            tables = _RopeTables(inv_freq, max_seq_len)
+            tables = _RopeTables(self.rotary_dim, max_seq_len, base, scaling)
             if shared is not None:
                 shared[key] = tables
         self.tables = tables
         self.register_buffer("cos", tables.cos, persistent=False)
         self.register_buffer("sin", tables.sin, persistent=False)
+
+    def materialize_buffers(self) -> None:
+        """Compute the tables (on the CPU) of a model built on the meta device; layers sharing them stay shared."""
+        self._buffers["cos"], self._buffers["sin"] = self.tables.materialize()
 
     def _apply(self, fn, recurse=True):
         # Module._apply hands the same fn to every layer: the shared tables are converted by the first layer and
@@ -95,11 +99,28 @@ class RotaryEmbedding(Block):
 class _RopeTables:
     """(max_seq_len, rotary_dim) fp32 cos and sin of position x frequency (computed in fp64), shared by layers."""
 
-    def __init__(self, inv_freq: torch.Tensor, max_seq_len: int):
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq.to(torch.empty(0).device))
-        angles = torch.cat([angles, angles], dim=-1)  # (T, rotary_dim)
-        self.cos, self.sin = angles.cos().float(), angles.sin().float()
+    def __init__(self, rotary_dim: int, max_seq_len: int, base: float, scaling: dict | None):
+        self.args = (rotary_dim, max_seq_len, base, scaling)
+        if torch.empty(0).is_meta:  # building on the meta device: shapes only
+            self.cos = self.sin = torch.empty(max_seq_len, rotary_dim)
+        else:
+            self.cos, self.sin = self._compute()
         self._last_fn = None
+
+    def _compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rotary_dim, max_seq_len, base, scaling = self.args
+        with torch.device("cpu"):
+            inv_freq = _rope_inverse_frequencies(rotary_dim, base, scaling)
+            angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, rotary_dim)
+        device = torch.empty(0).device
+        return angles.cos().float().to(device), angles.sin().float().to(device)
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos.is_meta:
+            self.cos, self.sin = self._compute()
+            self._last_fn = None
+        return self.cos, self.sin
 
     def apply(self, fn) -> tuple[torch.Tensor, torch.Tensor]:
         if fn is not self._last_fn:  # a new .to()/.cuda()/...: move once, for all layers

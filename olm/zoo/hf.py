@@ -65,6 +65,9 @@ def _materialize_buffers(model: torch.nn.Module) -> None:
     """Rebuild the non-persistent buffers (RoPE tables, ALiBi slopes) of a model built on the meta device."""
     for module in model.modules():
         if isinstance(module, Block) and any(b.is_meta for b in module.buffers(recurse=False)):
+            if hasattr(module, "materialize_buffers"):  # RoPE: tables shared by the layers, computed once
+                module.materialize_buffers()
+                continue
             fresh = type(module)(**module.config)
             for name, buffer in fresh.named_buffers(recurse=False):
                 setattr(module, name, buffer)
