@@ -3,7 +3,8 @@ VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 ARGS ?=
-PYTEST_ARGS ?=
+# Two test workers (pytest-xdist): the suite spends much of its time in subprocess start-up, which overlaps well.
+PYTEST_ARGS ?= -n 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.olm-installed
 

@@ -22,8 +22,10 @@ def read_records(path: Path):
         _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
-        if kind == 0 and length == 0:
-            break
+        if kind == 0 and length == 0:  # zero padding up to the block's end: records go on in the next block
+            pos += block_left - HEADER
+            pending = b""
+            continue
         pending = chunk if kind in (FULL, FIRST) else pending + chunk
         if kind in (FULL, LAST):
             record = wandb_internal_pb2.Record()
