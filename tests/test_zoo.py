@@ -148,7 +148,7 @@ def test_yaml_preset_agrees_with_python(name):
      "architecture 'FooForCausalLM' is not supported; known: GPT2LMHeadModel"),
     (lambda d: _drop_tensor(d, "model.layers.1.mlp.up_proj.weight"), "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
     (lambda d: _edit_config(d, intermediate_size=100), "shape mismatch for model.layers.0.mlp.gate_proj.weight (96, 64)"),
-    (lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 2.0}), "rope_type='yarn' is not supported"),
+    (lambda d: _edit_config(d, rope_parameters={"rope_type": "longrope", "factor": 2.0}), "rope_type='longrope' is not supported"),
     (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"), "pickle files are not read"),
 ])
 def test_conversion_errors_are_one_line(bad, message, tmp_path):
@@ -204,3 +204,48 @@ def test_imported_model_shares_rope_tables_and_moves(tmp_path):
     assert len({p.cos.data_ptr() for p in positions}) == 1 and positions[0].cos.dtype == torch.float32
     x = torch.randint(0, 100, (1, 8))
     assert torch.isfinite(model(x)).all()
+
+
+# rope_theta 50 on head_dim 16 puts the interpolation ramp inside the 8 frequencies at these short lengths.
+YARN = [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "rope_theta": 50.0},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8, "rope_theta": 50.0, "beta_fast": 1.0,
+     "beta_slow": 0.05, "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False},
+]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("rope", YARN)
+def test_yarn_rope_matches_transformers_and_round_trips(family, rope, batch, tmp_path):
+    """YaRN context extension: logits equal transformers' past the original length (16 tokens vs 8 or 4), the
+    attention factor included, and export gives back the same rope_parameters."""
+    transformers = pytest.importorskip("transformers", reason=HF_REASON)
+    from olm.nn.position import _rope_inverse_frequencies
+
+    hf = tiny_hf(family, rope_parameters=rope, rope_scaling=None)
+    model = from_hf(hf).eval()
+    scaling = model.blocks[0].attention.position.config["scaling"]
+    assert scaling["type"] == "yarn" and scaling["original_max_seq_len"] == rope["original_max_position_embeddings"]
+    interpolated = _rope_inverse_frequencies(16, 50.0, scaling) != _rope_inverse_frequencies(16, 50.0, None)
+    assert 0 < interpolated.sum() < 8  # some frequencies kept, some interpolated: the ramp is exercised
+    with torch.no_grad():
+        assert (hf(batch).logits - model(batch)).abs().max() < 1e-4
+    to_hf(model, tmp_path)
+    exported = json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
+    assert {k: exported[k] for k in rope} == rope
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert (back(batch).logits - model(batch)).abs().max() < 1e-4
+
+
+def test_rope_scaling_keys_are_checked():
+    base = {"name": "lm", "vocab_size": 64, "embed_dim": 32, "num_heads": 2, "num_layers": 1, "max_seq_len": 16}
+    for scaling, message in [
+        ({"type": "yarn", "factor": 4.0}, "scaling.original_max_seq_len must be set for yarn scaling"),
+        ({"type": "yarn", "factor": 4.0, "original_max_seq_len": 8, "beta": 3}, "scaling.beta is not a yarn scaling key; known: attention_factor, beta_fast"),
+        ({"type": "longrope", "factor": 4.0}, "scaling.type='longrope' is not supported; known: linear, llama3, yarn"),
+        ({"type": "linear", "factor": -1}, "scaling.factor=-1 must be a positive number"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            olm.build_model({**base, "position": {"name": "rope", "scaling": scaling}})
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)

@@ -17,22 +17,57 @@ from olm.nn.structure import Block
 from olm.registry import ConfigError, register, where
 
 
+# Keys of `scaling` per type: required, then optional with their defaults.
+ROPE_SCALING = {
+    "linear": ({"factor"}, {}),
+    "llama3": ({"factor", "original_max_seq_len"}, {"low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+    "yarn": ({"factor", "original_max_seq_len"}, {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": None,
+                                                  "mscale_all_dim": None, "attention_factor": None, "truncate": True}),
+}
+
+
+def _check_scaling(scaling: dict) -> tuple[str, dict]:
+    kind = scaling.get("type", "llama3")
+    if kind not in ROPE_SCALING:
+        raise ConfigError(f"{where('scaling.type')}={kind!r} is not supported; known: {', '.join(ROPE_SCALING)}")
+    required, optional = ROPE_SCALING[kind]
+    for key in scaling:
+        if key != "type" and key not in required and key not in optional:
+            raise ConfigError(f"{where('scaling.' + key)} is not a {kind} scaling key; known: "
+                              f"{', '.join(sorted(required | set(optional)))}")
+    for key in sorted(required - set(scaling)):
+        raise ConfigError(f"{where('scaling.' + key)} must be set for {kind} scaling")
+    if not isinstance(scaling["factor"], (int, float)) or isinstance(scaling["factor"], bool) or not scaling["factor"] > 0:
+        raise ConfigError(f"{where('scaling.factor')}={scaling.get('factor')!r} must be a positive number")
+    return kind, {**optional, **scaling}
+
+
 def _rope_inverse_frequencies(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if not scaling:
         return inv_freq
-    kind = scaling.get("type", "llama3")
-    if not float(scaling.get("factor", 0)) > 0:
-        raise ConfigError(f"{where('scaling.factor')}={scaling.get('factor')!r} must be a positive number")
+    kind, scaling = _check_scaling(scaling)
+    factor = float(scaling["factor"])
     if kind == "linear":
-        return inv_freq / float(scaling["factor"])
-    if kind != "llama3":
-        raise ConfigError(f"{where('scaling.type')}={kind!r} is not supported; known: llama3, linear")
+        return inv_freq / factor
+    original = float(scaling["original_max_seq_len"])
+    if kind == "yarn":
+        # YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension"): dimensions that turn fewer than
+        # beta_slow times over the original context are interpolated (divided by factor), those turning more than
+        # beta_fast times are kept, with a linear ramp between the two dimension indices.
+        def dimension_of(rotations: float) -> float:
+            return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = dimension_of(float(scaling["beta_fast"])), dimension_of(float(scaling["beta_slow"]))
+        if scaling["truncate"]:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        span = high - low if high != low else 1e-3  # as the reference code: a negative span keeps every dimension
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / span).clamp(0, 1)
+        return inv_freq / factor * ramp + inv_freq * (1 - ramp)
     # Llama 3.1+ "frequency-dependent" scaling: long wavelengths are slowed by `factor`, short ones kept, and the
     # band between low_freq_factor and high_freq_factor is interpolated smoothly.
-    factor = float(scaling["factor"])
-    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
-    original = float(scaling["original_max_seq_len"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     wavelength = 2 * math.pi / inv_freq
     smooth = (original / wavelength - low) / (high - low)
     scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
@@ -40,9 +75,27 @@ def _rope_inverse_frequencies(head_dim: int, base: float, scaling: dict | None) 
     return torch.where(middle, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
+def _rope_attention_factor(scaling: dict | None) -> float:
+    """YaRN's scale on cos and sin (so on attention logits, squared): 0.1 ln(factor) + 1 unless given; else 1."""
+    if not scaling or scaling.get("type", "llama3") != "yarn":
+        return 1.0
+    _, scaling = _check_scaling(scaling)
+    if scaling["attention_factor"] is not None:
+        return float(scaling["attention_factor"])
+
+    def log_scale(factor: float, mscale: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+    factor, mscale, mscale_all_dim = float(scaling["factor"]), scaling["mscale"], scaling["mscale_all_dim"]
+    if mscale and mscale_all_dim:
+        return log_scale(factor, float(mscale)) / log_scale(factor, float(mscale_all_dim))
+    return log_scale(factor)
+
+
 @register("position", "rope")
 class RotaryEmbedding(Block):
-    """Rotary position embedding (rotate-half layout, as in Llama/GPT-NeoX); optional Llama-3 or linear scaling."""
+    """Rotary position embedding (rotate-half layout, as in Llama/GPT-NeoX); optional context-extension scaling:
+    ``scaling: {type: llama3|yarn|linear, factor, original_max_seq_len, ...}`` (keys per type in ``ROPE_SCALING``)."""
 
     applies_to = "attention"
 
@@ -113,8 +166,8 @@ class _RopeTables:
             inv_freq = _rope_inverse_frequencies(rotary_dim, base, scaling)
             angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (T, rotary_dim)
-        device = torch.empty(0).device
-        return angles.cos().float().to(device), angles.sin().float().to(device)
+        device, scale = torch.empty(0).device, _rope_attention_factor(scaling)
+        return (scale * angles.cos()).float().to(device), (scale * angles.sin()).float().to(device)
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cos.is_meta:

@@ -97,8 +97,19 @@ def _rope(hf: dict) -> dict:
         }
     elif kind == "linear":
         spec["scaling"] = {"type": "linear", "factor": float(params["factor"])}
+    elif kind == "yarn":
+        # As transformers reads it: the original length falls back to the config's, the factor to the length ratio.
+        original = int(params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+                       or hf["max_position_embeddings"])
+        factor = params.get("factor") or hf["max_position_embeddings"] / original
+        spec["scaling"] = {"type": "yarn", "factor": float(factor), "original_max_seq_len": original}
+        for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+            if params.get(key) is not None:
+                spec["scaling"][key] = float(params[key])
+        if params.get("truncate") is not None:
+            spec["scaling"]["truncate"] = bool(params["truncate"])
     elif kind != "default":
-        raise ConfigError(f"rope_parameters.rope_type={kind!r} is not supported; known: default, linear, llama3")
+        raise ConfigError(f"rope_parameters.rope_type={kind!r} is not supported; known: default, linear, llama3, yarn")
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if partial is not None and partial != 1.0:
         spec["rotary_dim"] = int(_head_dim(hf) * partial)
@@ -285,6 +296,10 @@ def _rope_to_hf(position, family: str) -> dict:
             params.update(low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
                           high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
                           original_max_position_embeddings=int(scaling["original_max_seq_len"]))
+        if kind == "yarn":
+            params["original_max_position_embeddings"] = int(scaling["original_max_seq_len"])
+            params.update({k: scaling[k] for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                                                    "attention_factor", "truncate") if scaling.get(k) is not None})
     if position.rotary_dim != cfg["head_dim"]:
         _require(family == "phi3", family, "partial rotary embeddings (rotary_dim < head_dim) need phi3")
         params["partial_rotary_factor"] = position.rotary_dim / cfg["head_dim"]
