@@ -148,7 +148,7 @@ def test_yaml_preset_agrees_with_python(name):
      "architecture 'FooForCausalLM' is not supported; known: GPT2LMHeadModel"),
     (lambda d: _drop_tensor(d, "model.layers.1.mlp.up_proj.weight"), "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
     (lambda d: _edit_config(d, intermediate_size=100), "shape mismatch for model.layers.0.mlp.gate_proj.weight (96, 64)"),
-    (lambda d: _edit_config(d, rope_parameters={"rope_type": "longrope", "factor": 2.0}), "rope_type='longrope' is not supported"),
+    (lambda d: _edit_config(d, rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "rope_type='dynamic' is not supported"),
     (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"), "pickle files are not read"),
 ])
 def test_conversion_errors_are_one_line(bad, message, tmp_path):
@@ -243,9 +243,33 @@ def test_rope_scaling_keys_are_checked():
     for scaling, message in [
         ({"type": "yarn", "factor": 4.0}, "scaling.original_max_seq_len must be set for yarn scaling"),
         ({"type": "yarn", "factor": 4.0, "original_max_seq_len": 8, "beta": 3}, "scaling.beta is not a yarn scaling key; known: attention_factor, beta_fast"),
-        ({"type": "longrope", "factor": 4.0}, "scaling.type='longrope' is not supported; known: linear, llama3, yarn"),
+        ({"type": "ntk", "factor": 4.0}, "scaling.type='ntk' is not supported; known: linear, llama3, yarn, longrope"),
+        ({"type": "longrope", "factor": 4.0, "original_max_seq_len": 8, "short_factor": [1.0], "long_factor": [1.0]}, "scaling.short_factor must be 8 positive numbers"),
         ({"type": "linear", "factor": -1}, "scaling.factor=-1 must be a positive number"),
     ]:
         with pytest.raises(ConfigError) as info:
             olm.build_model({**base, "position": {"name": "rope", "scaling": scaling}})
         assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("length", [6, 16])
+def test_longrope_matches_transformers_below_and_past_the_original_length(length, tmp_path):
+    """Phi-3 128k style LongRoPE: the short factors up to the original length (8), the long ones past it."""
+    transformers = pytest.importorskip("transformers", reason=HF_REASON)
+    short, long = [1.0, 1.3, 2.0, 3.0], [1.0, 2.5, 6.0, 16.0]  # phi3_tiny rotates 8 of 16 dims: 4 pairs
+    rope = {"rope_type": "longrope", "rope_theta": 50.0, "short_factor": short, "long_factor": long,
+            "original_max_position_embeddings": 8}
+    hf = tiny_hf("phi3", rope_parameters=rope, original_max_position_embeddings=8)
+    model = from_hf(hf).eval()
+    position = model.blocks[0].attention.position
+    assert position.long_after == 8 and not torch.equal(position.cos, position.long_cos)
+    x = torch.randint(0, 100, (2, length), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max() < 1e-4
+    to_hf(model, tmp_path)
+    exported = json.loads((tmp_path / "config.json").read_text())
+    assert exported["original_max_position_embeddings"] == 8
+    assert {k: exported["rope_parameters"][k] for k in ("short_factor", "long_factor")} == {"short_factor": short, "long_factor": long}
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert (back(x).logits - model(x)).abs().max() < 1e-4

@@ -23,6 +23,7 @@ ROPE_SCALING = {
     "llama3": ({"factor", "original_max_seq_len"}, {"low_freq_factor": 1.0, "high_freq_factor": 4.0}),
     "yarn": ({"factor", "original_max_seq_len"}, {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": None,
                                                   "mscale_all_dim": None, "attention_factor": None, "truncate": True}),
+    "longrope": ({"factor", "original_max_seq_len", "short_factor", "long_factor"}, {"attention_factor": None}),
 }
 
 
@@ -42,7 +43,8 @@ def _check_scaling(scaling: dict) -> tuple[str, dict]:
     return kind, {**optional, **scaling}
 
 
-def _rope_inverse_frequencies(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
+def _rope_inverse_frequencies(head_dim: int, base: float, scaling: dict | None, long: bool = False) -> torch.Tensor:
+    """Per-pair rotation frequencies; ``long`` picks LongRoPE's factors for sequences past the original length."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if not scaling:
         return inv_freq
@@ -50,6 +52,16 @@ def _rope_inverse_frequencies(head_dim: int, base: float, scaling: dict | None) 
     factor = float(scaling["factor"])
     if kind == "linear":
         return inv_freq / factor
+    if kind == "longrope":
+        # LongRoPE (Ding et al. 2024): one searched rescale factor per frequency, a short set used up to the original
+        # length and a long set beyond it (Phi-3 128k).
+        for key in ("short_factor", "long_factor"):
+            values = scaling[key]
+            if not isinstance(values, (list, tuple)) or len(values) != head_dim // 2 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+                raise ConfigError(f"{where('scaling.' + key)} must be {head_dim // 2} positive numbers "
+                                  f"(one per rotated pair of rotary_dim={head_dim})")
+        return inv_freq / torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float64)
     original = float(scaling["original_max_seq_len"])
     if kind == "yarn":
         # YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension"): dimensions that turn fewer than
@@ -76,12 +88,16 @@ def _rope_inverse_frequencies(head_dim: int, base: float, scaling: dict | None) 
 
 
 def _rope_attention_factor(scaling: dict | None) -> float:
-    """YaRN's scale on cos and sin (so on attention logits, squared): 0.1 ln(factor) + 1 unless given; else 1."""
-    if not scaling or scaling.get("type", "llama3") != "yarn":
+    """The scale on cos and sin (so on attention logits, squared) of YaRN (0.1 ln(factor) + 1) and LongRoPE
+    (sqrt(1 + ln(factor) / ln(original length))) unless given; 1 for the other kinds."""
+    if not scaling or scaling.get("type", "llama3") not in ("yarn", "longrope"):
         return 1.0
-    _, scaling = _check_scaling(scaling)
+    kind, scaling = _check_scaling(scaling)
     if scaling["attention_factor"] is not None:
         return float(scaling["attention_factor"])
+    if kind == "longrope":
+        factor = float(scaling["factor"])
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(float(scaling["original_max_seq_len"])))
 
     def log_scale(factor: float, mscale: float = 1.0) -> float:
         return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
@@ -95,7 +111,8 @@ def _rope_attention_factor(scaling: dict | None) -> float:
 @register("position", "rope")
 class RotaryEmbedding(Block):
     """Rotary position embedding (rotate-half layout, as in Llama/GPT-NeoX); optional context-extension scaling:
-    ``scaling: {type: llama3|yarn|linear, factor, original_max_seq_len, ...}`` (keys per type in ``ROPE_SCALING``)."""
+    ``scaling: {type: llama3|yarn|longrope|linear, factor, original_max_seq_len, ...}`` (keys per type in
+    ``ROPE_SCALING``)."""
 
     applies_to = "attention"
 
@@ -124,62 +141,73 @@ class RotaryEmbedding(Block):
             if shared is not None:
                 shared[key] = tables
         self.tables = tables
-        self.register_buffer("cos", tables.cos, persistent=False)
-        self.register_buffer("sin", tables.sin, persistent=False)
+        # LongRoPE: the long tables serve sequences that end past this position (as transformers decides per call).
+        self.long_after = int(scaling["original_max_seq_len"]) if scaling and scaling.get("type") == "longrope" else None
+        for name, table in tables.tensors.items():
+            self.register_buffer(name, table, persistent=False)
 
     def materialize_buffers(self) -> None:
         """Compute the tables (on the CPU) of a model built on the meta device; layers sharing them stay shared."""
-        self._buffers["cos"], self._buffers["sin"] = self.tables.materialize()
+        self._buffers.update(self.tables.materialize())
 
     def _apply(self, fn, recurse=True):
         # Module._apply hands the same fn to every layer: the shared tables are converted by the first layer and
         # reused by the others. Only their device follows fn: they stay fp32 when the model is cast to bf16
         # (rounded angles hurt long positions).
-        del self._buffers["cos"], self._buffers["sin"]
+        for name in self.tables.tensors:
+            del self._buffers[name]
         try:
             return super()._apply(fn, recurse)
         finally:
-            self._buffers["cos"], self._buffers["sin"] = self.tables.apply(fn)
+            self._buffers.update(self.tables.apply(fn))
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         # q: (B, H, T, hd), k: (B, KV, T, hd)
         T = q.shape[-2]
-        cos = self.cos[offset : offset + T]
-        sin = self.sin[offset : offset + T]
+        long = self.long_after is not None and offset + T > self.long_after
+        cos = (self.long_cos if long else self.cos)[offset : offset + T]
+        sin = (self.long_sin if long else self.sin)[offset : offset + T]
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
 
 
 class _RopeTables:
-    """(max_seq_len, rotary_dim) fp32 cos and sin of position x frequency (computed in fp64), shared by layers."""
+    """(max_seq_len, rotary_dim) fp32 tables of position x frequency (angles computed in fp64), shared by layers:
+    ``cos`` and ``sin``, plus ``long_cos`` and ``long_sin`` for LongRoPE."""
 
     def __init__(self, rotary_dim: int, max_seq_len: int, base: float, scaling: dict | None):
         self.args = (rotary_dim, max_seq_len, base, scaling)
+        names = ["cos", "sin"] + (["long_cos", "long_sin"] if scaling and scaling.get("type") == "longrope" else [])
         if torch.empty(0).is_meta:  # building on the meta device: shapes only
-            self.cos = self.sin = torch.empty(max_seq_len, rotary_dim)
+            self.tensors = {name: torch.empty(max_seq_len, rotary_dim) for name in names}
         else:
-            self.cos, self.sin = self._compute()
+            self.tensors = self._compute(names)
         self._last_fn = None
 
-    def _compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute(self, names) -> dict[str, torch.Tensor]:
         rotary_dim, max_seq_len, base, scaling = self.args
-        with torch.device("cpu"):
-            inv_freq = _rope_inverse_frequencies(rotary_dim, base, scaling)
-            angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)  # (T, rotary_dim)
         device, scale = torch.empty(0).device, _rope_attention_factor(scaling)
-        return (scale * angles.cos()).float().to(device), (scale * angles.sin()).float().to(device)
+        tensors = {}
+        for prefix in ("", "long_") if "long_cos" in names else ("",):
+            with torch.device("cpu"):
+                inv_freq = _rope_inverse_frequencies(rotary_dim, base, scaling, long=prefix == "long_")
+                angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+            angles = torch.cat([angles, angles], dim=-1)  # (T, rotary_dim)
+            tensors[prefix + "cos"] = (scale * angles.cos()).float().to(device)
+            tensors[prefix + "sin"] = (scale * angles.sin()).float().to(device)
+        return tensors
 
-    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cos.is_meta:
-            self.cos, self.sin = self._compute()
+    def materialize(self) -> dict[str, torch.Tensor]:
+        if next(iter(self.tensors.values())).is_meta:
+            self.tensors = self._compute(list(self.tensors))
             self._last_fn = None
-        return self.cos, self.sin
+        return self.tensors
 
-    def apply(self, fn) -> tuple[torch.Tensor, torch.Tensor]:
+    def apply(self, fn) -> dict[str, torch.Tensor]:
         if fn is not self._last_fn:  # a new .to()/.cuda()/...: move once, for all layers
-            device = fn(self.cos[:0]).device
-            self.cos, self.sin, self._last_fn = self.cos.to(device), self.sin.to(device), fn
-        return self.cos, self.sin
+            device = fn(self.tensors["cos"][:0]).device
+            self.tensors = {name: t.to(device) for name, t in self.tensors.items()}
+            self._last_fn = fn
+        return self.tensors
 
 
 _SHARED_TABLES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("olm_shared_rope_tables", default=None)

@@ -89,18 +89,19 @@ def _rope(hf: dict) -> dict:
     base = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     spec = {"name": "rope", "base": base}
     kind = params.get("rope_type", params.get("type", "default"))
+    # As transformers reads it: a top-level original_max_position_embeddings (Phi-3 has one) wins over the rope
+    # parameters' own, then the model's length; a missing factor is the ratio of the two lengths.
+    if kind in ("llama3", "yarn", "longrope"):
+        original = int(hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                       or hf["max_position_embeddings"])
     if kind == "llama3":
         spec["scaling"] = {
             "type": "llama3", "factor": float(params["factor"]), "low_freq_factor": float(params["low_freq_factor"]),
-            "high_freq_factor": float(params["high_freq_factor"]),
-            "original_max_seq_len": int(params["original_max_position_embeddings"]),
+            "high_freq_factor": float(params["high_freq_factor"]), "original_max_seq_len": original,
         }
     elif kind == "linear":
         spec["scaling"] = {"type": "linear", "factor": float(params["factor"])}
     elif kind == "yarn":
-        # As transformers reads it: the original length falls back to the config's, the factor to the length ratio.
-        original = int(params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
-                       or hf["max_position_embeddings"])
         factor = params.get("factor") or hf["max_position_embeddings"] / original
         spec["scaling"] = {"type": "yarn", "factor": float(factor), "original_max_seq_len": original}
         for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
@@ -108,8 +109,15 @@ def _rope(hf: dict) -> dict:
                 spec["scaling"][key] = float(params[key])
         if params.get("truncate") is not None:
             spec["scaling"]["truncate"] = bool(params["truncate"])
+    elif kind == "longrope":
+        factor = params.get("factor") or hf["max_position_embeddings"] / original
+        spec["scaling"] = {"type": "longrope", "factor": float(factor), "original_max_seq_len": original,
+                           "short_factor": [float(v) for v in params["short_factor"]],
+                           "long_factor": [float(v) for v in params["long_factor"]]}
+        if params.get("attention_factor") is not None:
+            spec["scaling"]["attention_factor"] = float(params["attention_factor"])
     elif kind != "default":
-        raise ConfigError(f"rope_parameters.rope_type={kind!r} is not supported; known: default, linear, llama3, yarn")
+        raise ConfigError(f"rope_parameters.rope_type={kind!r} is not supported; known: default, linear, llama3, yarn, longrope")
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if partial is not None and partial != 1.0:
         spec["rotary_dim"] = int(_head_dim(hf) * partial)
@@ -296,10 +304,10 @@ def _rope_to_hf(position, family: str) -> dict:
             params.update(low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
                           high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
                           original_max_position_embeddings=int(scaling["original_max_seq_len"]))
-        if kind == "yarn":
+        if kind in ("yarn", "longrope"):
             params["original_max_position_embeddings"] = int(scaling["original_max_seq_len"])
-            params.update({k: scaling[k] for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-                                                    "attention_factor", "truncate") if scaling.get(k) is not None})
+            params.update({k: scaling[k] for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+                                                    "truncate", "short_factor", "long_factor") if scaling.get(k) is not None})
     if position.rotary_dim != cfg["head_dim"]:
         _require(family == "phi3", family, "partial rotary embeddings (rotary_dim < head_dim) need phi3")
         params["partial_rotary_factor"] = position.rotary_dim / cfg["head_dim"]
@@ -320,7 +328,14 @@ def _llama_like_hf(model, family: str, f: dict | None = None) -> dict:
     return {
         k: f[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                           "head_dim", "max_position_embeddings", "intermediate_size", "tie_word_embeddings")
-    } | {"rms_norm_eps": f["eps"], "hidden_act": "silu", "rope_parameters": _rope_to_hf(f["position"], family)}
+    } | {"rms_norm_eps": f["eps"], "hidden_act": "silu"} | _rope_fields(f["position"], family)
+
+
+def _rope_fields(position, family: str) -> dict:
+    """``rope_parameters``, and the original length also at the top level, where transformers looks first."""
+    params = _rope_to_hf(position, family)
+    original = params.get("original_max_position_embeddings")
+    return {"rope_parameters": params} | ({"original_max_position_embeddings": original} if original else {})
 
 
 def llama_to_hf(model) -> dict:
@@ -385,7 +400,7 @@ def gemma2_to_hf(model) -> dict:
         k: f[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                           "head_dim", "max_position_embeddings", "intermediate_size", "tie_word_embeddings")
     } | {
-        "rms_norm_eps": f["eps"], "hidden_activation": "gelu_pytorch_tanh", "rope_parameters": _rope_to_hf(f["position"], "gemma2"),
+        "rms_norm_eps": f["eps"], "hidden_activation": "gelu_pytorch_tanh", **_rope_fields(f["position"], "gemma2"),
         "attention_bias": f["attn_bias"], "query_pre_attn_scalar": round(attn.scale**-2),
         "attn_logit_softcapping": attn.softcap, "final_logit_softcapping": model.head.softcap,
         "sliding_window": windows[0] if windows else None,
