@@ -160,6 +160,7 @@ def test_parameter_count_gpt2_small():
 def test_rope_tables_are_shared_by_the_layers_of_a_model_and_stay_fp32():
     """One cos/sin pair per model, not per layer (131k-position presets would hold 128 MB per layer otherwise)."""
     import copy
+    import pickle
 
     import olm
 
@@ -177,3 +178,7 @@ def test_rope_tables_are_shared_by_the_layers_of_a_model_and_stay_fp32():
     other.load_state_dict(model.state_dict())
     assert "cos" not in " ".join(model.state_dict())  # derived from the config, never saved
     assert torch.allclose(other.double()(x), model(x)) and expected.shape == model(x).shape
+    pickle.loads(pickle.dumps(model))  # torch.save(model) and multiprocessing still work after .to()
+    model.to("meta")  # a device move takes every layer's tables along, still shared
+    tables = {id(b.attention.position.cos) for b in model.blocks} | {id(b.attention.position.sin) for b in model.blocks}
+    assert len(tables) == 2 and model.blocks[3].attention.position.cos.is_meta and not other.blocks[0].attention.position.cos.is_meta

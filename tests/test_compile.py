@@ -48,6 +48,7 @@ def test_inductor_options_merge_mode_and_overrides():
     assert merged["max_autotune"] is True and merged["coordinate_descent_tuning"] is False
     assert not merged.get("triton.cudagraphs")
     assert inductor_options("default", {"triton.cudagraphs": False}) == {"triton.cudagraphs": False}
+    assert inductor_options("default", {"triton": {"cudagraphs": False}}) == {"triton.cudagraphs": False}
 
 
 @pytest.mark.parametrize("mode,options,message", [
@@ -55,6 +56,9 @@ def test_inductor_options_merge_mode_and_overrides():
     ("default", {"coordinate_descent": True}, "compile_options.coordinate_descent is not a torch inductor option"),
     ("default", {"triton.cudagraph": True}, "compile_options.triton.cudagraph is not a torch inductor option"),
     ("default", {"triton.cudagraphs": True}, "compile_options.triton.cudagraphs=true is not supported"),
+    ("default", {"triton": {"cudagraphs": True}}, "compile_options.triton.cudagraphs=true is not supported"),  # Hydra's nesting
+    ("default", {"triton": {"cudagraph": True}}, "compile_options.triton.cudagraph is not a torch inductor option"),
+    ("default", {"os": 1}, "compile_options.os is not a torch inductor option"),  # a module attribute, not an option
     ("default", ["max_autotune"], "compile_options must be a mapping"),
 ])
 def test_bad_compile_settings_are_one_line_errors(mode, options, message):
@@ -64,17 +68,22 @@ def test_bad_compile_settings_are_one_line_errors(mode, options, message):
 
 
 @pytest.mark.parametrize("compression,hook", [("bf16", "bf16_compress_hook"), ("fp16", "fp16_compress_hook"), ("none", None)])
-def test_ddp_gradient_compression_sets_torchs_comm_hook(compression, hook):
+def test_ddp_gradient_compression_sets_torchs_comm_hook_on_gpus(compression, hook):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    strategy = resolve_strategy({"strategy": {"name": "ddp", "gradient_compression": compression, "bucket_cap_mb": 50}})["strategy"]
+    cfg = {"accelerator": "gpu", "strategy": {"name": "ddp", "gradient_compression": compression, "bucket_cap_mb": 50}}
+    strategy = resolve_strategy(cfg)["strategy"]
     assert strategy._ddp_comm_hook is (getattr(default_hooks, hook) if hook else None)
     assert strategy._ddp_kwargs["bucket_cap_mb"] == 50
 
 
-def test_bf16_gradient_compression_on_cpu_is_a_one_line_error():
-    with pytest.raises(ConfigError, match=r"trainer.strategy.gradient_compression=bf16 needs GPUs .* on CPU use fp16 or none"):
-        resolve_strategy({"accelerator": "cpu", "strategy": {"name": "ddp", "gradient_compression": "bf16"}})
+@pytest.mark.parametrize("accelerator", ["cpu", "auto"])
+def test_gradient_compression_without_gpus_is_a_one_line_error(accelerator, monkeypatch):
+    """Lightning registers comm hooks on CUDA only: on CPU the setting would silently do nothing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^trainer.strategy.gradient_compression=fp16 needs GPUs .* on CPU use none$"):
+        resolve_strategy({"accelerator": accelerator, "strategy": {"name": "ddp", "gradient_compression": "fp16"}})
+    assert resolve_strategy({"accelerator": accelerator, "strategy": {"name": "ddp", "gradient_compression": "none"}})
 
 
 def test_ddp_gradient_compression_hook_rounds_to_bf16(tmp_path):

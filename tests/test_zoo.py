@@ -243,6 +243,7 @@ def test_rope_scaling_keys_are_checked():
     for scaling, message in [
         ({"type": "yarn", "factor": 4.0}, "scaling.original_max_seq_len must be set for yarn scaling"),
         ({"type": "yarn", "factor": 4.0, "original_max_seq_len": 8, "beta": 3}, "scaling.beta is not a yarn scaling key; known: attention_factor, beta_fast"),
+        ({"type": "yarn", "factor": 4.0, "original_max_seq_len": 8, "beta_fast": 0}, "scaling.beta_fast=0 must be a positive number"),
         ({"type": "ntk", "factor": 4.0}, "scaling.type='ntk' is not supported; known: linear, llama3, yarn, longrope"),
         ({"type": "longrope", "factor": 4.0, "original_max_seq_len": 8, "short_factor": [1.0], "long_factor": [1.0]}, "scaling.short_factor must be 8 positive numbers"),
         ({"type": "linear", "factor": -1}, "scaling.factor=-1 must be a positive number"),
@@ -273,3 +274,25 @@ def test_longrope_matches_transformers_below_and_past_the_original_length(length
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert (back(x).logits - model(x)).abs().max() < 1e-4
+
+
+def test_yarn_import_extends_the_context_and_reads_zero_betas_as_defaults():
+    """Qwen2.5-style configs keep max_position_embeddings at the original length; olm's model gets factor x original
+    positions (transformers has no limit), and beta_fast/beta_slow = 0 mean the defaults there."""
+    pytest.importorskip("transformers", reason=HF_REASON)
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "rope_theta": 50.0,
+            "beta_fast": 0.0, "beta_slow": None}
+    hf = tiny_hf("qwen2", rope_parameters=rope, rope_scaling=None, max_position_embeddings=8)
+    model = from_hf(hf).eval()
+    scaling = model.blocks[0].attention.position.config["scaling"]
+    assert model.max_seq_len == 32 and "beta_fast" not in scaling and "beta_slow" not in scaling
+    x = torch.randint(0, 100, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max() < 1e-4
+
+
+def test_yarn_cannot_be_exported_as_phi3(tmp_path):
+    cfg = preset_config("phi3_tiny")
+    cfg["position"] = {**cfg["position"], "scaling": {"type": "yarn", "factor": 4.0, "original_max_seq_len": 8}}
+    with pytest.raises(ConfigError, match=r"^cannot export to phi3: yarn rope scaling \(transformers' Phi-3 reads longrope only\)$"):
+        to_hf(olm.build_model(cfg), tmp_path)

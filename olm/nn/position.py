@@ -38,9 +38,12 @@ def _check_scaling(scaling: dict) -> tuple[str, dict]:
                               f"{', '.join(sorted(required | set(optional)))}")
     for key in sorted(required - set(scaling)):
         raise ConfigError(f"{where('scaling.' + key)} must be set for {kind} scaling")
-    if not isinstance(scaling["factor"], (int, float)) or isinstance(scaling["factor"], bool) or not scaling["factor"] > 0:
-        raise ConfigError(f"{where('scaling.factor')}={scaling.get('factor')!r} must be a positive number")
-    return kind, {**optional, **scaling}
+    merged = {**optional, **scaling}
+    for key in ("factor", "original_max_seq_len", "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
+        value = merged.get(key)
+        if key in merged and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+            raise ConfigError(f"{where('scaling.' + key)}={value!r} must be a positive number")
+    return kind, merged
 
 
 def _rope_inverse_frequencies(head_dim: int, base: float, scaling: dict | None, long: bool = False) -> torch.Tensor:
@@ -181,7 +184,6 @@ class _RopeTables:
             self.tensors = {name: torch.empty(max_seq_len, rotary_dim) for name in names}
         else:
             self.tensors = self._compute(names)
-        self._last_fn = None
 
     def _compute(self, names) -> dict[str, torch.Tensor]:
         rotary_dim, max_seq_len, base, scaling = self.args
@@ -199,14 +201,13 @@ class _RopeTables:
     def materialize(self) -> dict[str, torch.Tensor]:
         if next(iter(self.tensors.values())).is_meta:
             self.tensors = self._compute(list(self.tensors))
-            self._last_fn = None
         return self.tensors
 
     def apply(self, fn) -> dict[str, torch.Tensor]:
-        if fn is not self._last_fn:  # a new .to()/.cuda()/...: move once, for all layers
-            device = fn(self.tensors["cos"][:0]).device
+        """Follow ``fn``'s device (the first layer moves the tables, the others find them there); keep fp32."""
+        device = fn(self.tensors["cos"][:0]).device
+        if self.tensors["cos"].device != device:
             self.tensors = {name: t.to(device) for name, t in self.tensors.items()}
-            self._last_fn = fn
         return self.tensors
 
 

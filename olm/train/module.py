@@ -26,6 +26,17 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 COMPILE_SCOPES = ("model", "blocks")
 
 
+def _dotted(options: dict, prefix: str = "") -> dict[str, Any]:
+    """{"triton": {"cudagraphs": True}} (as Hydra builds it from triton.cudagraphs=true) -> {"triton.cudagraphs": True}."""
+    flat = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def inductor_options(mode: str, options: dict[str, Any] | None) -> dict[str, Any]:
     """The inductor options of a compile ``mode`` updated with ``options`` (``compile_options`` in the config), checked
     here so that a typo is a one-line error naming the key instead of torch's list of every option."""
@@ -39,13 +50,11 @@ def inductor_options(mode: str, options: dict[str, Any] | None) -> dict[str, Any
     from torch._inductor import list_mode_options
 
     merged = dict(list_mode_options(mode))
-    for key, value in (options or {}).items():
-        node = inductor_config
-        for part in str(key).split("."):
-            if not hasattr(node, part):
-                raise ConfigError(f"compile_options.{key} is not a torch inductor option; e.g. coordinate_descent_tuning, "
-                                  "max_autotune, epilogue_fusion (torch._inductor.config)")
-            node = getattr(node, part)
+    known = inductor_config.get_config_copy()
+    for key, value in _dotted(options or {}).items():
+        if key not in known:
+            raise ConfigError(f"compile_options.{key} is not a torch inductor option; e.g. coordinate_descent_tuning, "
+                              "max_autotune, epilogue_fusion (torch._inductor.config)")
         if key == "triton.cudagraphs" and value:
             raise ConfigError("compile_options.triton.cudagraphs=true is not supported by olm's training step (see compile_mode)")
         merged[key] = value

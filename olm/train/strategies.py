@@ -243,9 +243,13 @@ def resolve_strategy(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
             if compression not in GRADIENT_COMPRESSION:
                 raise ConfigError(f"trainer.strategy.gradient_compression={compression!r} is not known; known: "
                                   + ", ".join(GRADIENT_COMPRESSION))
-            if compression == "bf16" and cfg.get("accelerator") == "cpu":
-                raise ConfigError("trainer.strategy.gradient_compression=bf16 needs GPUs (torch's bf16 hook requires NCCL); "
-                                  "on CPU use fp16 or none")
+            import torch
+
+            on_gpu = cfg.get("accelerator") in ("gpu", "cuda") or (cfg.get("accelerator", "auto") == "auto" and torch.cuda.is_available())
+            if compression != "none" and not on_gpu:
+                # Lightning registers DDP comm hooks on CUDA devices only: elsewhere the setting would do nothing.
+                raise ConfigError(f"trainer.strategy.gradient_compression={compression} needs GPUs (trainer.accelerator=gpu); "
+                                  "on CPU use none")
             if GRADIENT_COMPRESSION[compression] is not None:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 

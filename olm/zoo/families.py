@@ -105,7 +105,7 @@ def _rope(hf: dict) -> dict:
         factor = params.get("factor") or hf["max_position_embeddings"] / original
         spec["scaling"] = {"type": "yarn", "factor": float(factor), "original_max_seq_len": original}
         for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
-            if params.get(key) is not None:
+            if params.get(key):  # as transformers reads them: 0 or null means the default
                 spec["scaling"][key] = float(params[key])
         if params.get("truncate") is not None:
             spec["scaling"]["truncate"] = bool(params["truncate"])
@@ -158,10 +158,14 @@ def _overrides(attention: dict, windows: list | None) -> list | None:
 
 
 def _base(hf: dict, **extra) -> dict:
+    max_seq_len = hf["max_position_embeddings"]
+    scaling = (extra.get("position") or {}).get("scaling") or {}
+    if scaling.get("type") == "yarn":  # YaRN configs (Qwen2.5) keep the original length there; the extended one is factor x
+        max_seq_len = max(max_seq_len, int(scaling["factor"] * scaling["original_max_seq_len"]))
     return {
         "name": "lm", "vocab_size": hf["vocab_size"], "embed_dim": hf["hidden_size"],
         "num_heads": hf["num_attention_heads"], "num_layers": hf["num_hidden_layers"],
-        "max_seq_len": hf["max_position_embeddings"], "causal": True, **extra,
+        "max_seq_len": max_seq_len, "causal": True, **extra,
     }
 
 
@@ -304,6 +308,7 @@ def _rope_to_hf(position, family: str) -> dict:
             params.update(low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
                           high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
                           original_max_position_embeddings=int(scaling["original_max_seq_len"]))
+        _require(not (kind == "yarn" and family == "phi3"), family, "yarn rope scaling (transformers' Phi-3 reads longrope only)")
         if kind in ("yarn", "longrope"):
             params["original_max_position_embeddings"] = int(scaling["original_max_seq_len"])
             params.update({k: scaling[k] for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
