@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 from datetime import date
@@ -40,10 +42,18 @@ def run_point(n: int, args) -> dict:
         command += ["--ddp-options", *args.ddp_options]
     if args.override:
         command += ["--override", *args.override]
-    out = subprocess.run(command, capture_output=True, text=True)
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not rows:
-        raise RuntimeError(f"{n} GPU(s) failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    # Its own process group, so that a timeout (or Ctrl-C) stops the ranks Lightning started too: ranks left behind
+    # would share the GPUs with the next point and spoil its timing.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=args.point_timeout)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not rows:
+        raise RuntimeError(f"{n} GPU(s) failed:\n{stdout[-2000:]}\n{stderr[-4000:]}")
     return rows[-1]
 
 
@@ -67,6 +77,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--ddp-options", nargs="*", default=[], help="e.g. bucket_cap_mb=100 gradient_as_bucket_view=true")
     parser.add_argument("--override", nargs="*", default=[])
+    parser.add_argument("--point-timeout", type=float, default=900.0, help="seconds per point; its ranks are stopped too")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 

@@ -1,8 +1,10 @@
-"""benchmarks/throughput.py runs on the CPU with a tiny preset (correctness of the script, not speed)."""
+"""The benchmark scripts run on the CPU with a tiny preset (correctness of the scripts, not speed)."""
 
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -36,3 +38,18 @@ def test_profile_script_on_cpu(tmp_path):
     saved = json.loads((tmp_path / "profile_lm_tiny.json").read_text())
     assert saved["families_ms_per_step"] == families
     assert json.loads((tmp_path / "trace_lm_tiny.json").read_text())["traceEvents"]
+
+
+@pytest.mark.slow
+def test_scaling_script_on_cpu(tmp_path):
+    """1 and 2 processes (gloo DDP) through benchmarks/scaling.py: rows, efficiency formula and files."""
+    import scaling
+
+    rows = scaling.main(["--gpus", "1", "2", "--preset", "lm_tiny", "--batch-size", "2", "--seq-len", "32",
+                         "--vocab-size", "256", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    assert [(r["world_size"], r["strategy"]) for r in rows] == [(1, "auto"), (2, "ddp")]
+    base = rows[0]["tokens_per_sec"]
+    assert rows[0]["efficiency"] == 1.0
+    assert rows[1]["efficiency"] == round(rows[1]["tokens_per_sec"] / (2 * base), 3)
+    assert json.loads((tmp_path / "scaling.json").read_text()) == rows
+    assert "| 2 | ddp | None | none | - | 2 |" in (tmp_path / "scaling.md").read_text()
