@@ -8,7 +8,8 @@ of an olm preset, after warm-up, grouped into kernel families.
 Prints the share of GPU time per family (matmul, attention, fused/elementwise, cross-entropy, optimizer,
 communication, other), the 25 most expensive kernels, and the GPU-busy fraction of the wall time (idle gaps mean
 the host is not keeping up). Under torchrun the model is wrapped in DistributedDataParallel (NCCL on GPUs, gloo on
-CPUs) and rank 0's step is profiled, so gradient communication shows up in its own family. ``--out`` also writes a Chrome trace (open in chrome://tracing or Perfetto).
+CPUs) and rank 0's step is profiled, so gradient communication shows up in its own family. ``--out`` also writes
+a Chrome trace (open in chrome://tracing or Perfetto).
 """
 
 from __future__ import annotations
@@ -104,16 +105,8 @@ def main(argv=None) -> dict:
             ddp.register_comm_hook(None, getattr(default_hooks, f"{args.gradient_compression}_compress_hook"))
         loss_of = ddp
 
-    def step(i):
-        x, y = batches[i % len(batches)]
-        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=cuda):
-            loss = loss_of(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     module.train()
+    step = throughput.training_step(module, loss_of, optimizer, batches, args.device)
     for i in range(args.warmup):
         step(i)
     throughput.sync(args.device)

@@ -78,6 +78,22 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def training_step(module, loss_of, optimizer, batches, device: str):
+    """step(i): one full training step on batch i (mod len) in bf16 autocast on GPU: loss, backward, clipping to
+    1.0, AdamW. ``loss_of(x, y)`` is the module's loss, or a DDP wrapper around it."""
+    def step(i):
+        x, y = batches[i % len(batches)]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = loss_of(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def plain_loop(model_cfg, batch_size, args) -> dict:
     """The reference: the same module's loss and optimizer, stepped by hand."""
     module = make_module(model_cfg, args, args.compile).to(args.device)
@@ -85,19 +101,8 @@ def plain_loop(model_cfg, batch_size, args) -> dict:
     optimizer = module.configure_optimizers()["optimizer"]
     batches = synthetic_batches(4, batch_size, args.seq_len, model_cfg["vocab_size"])
     batches = [(x.to(args.device), y.to(args.device)) for x, y in batches]
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     module.train()
-
-    def step(i):
-        x, y = batches[i % len(batches)]
-        with torch.autocast(args.device, dtype=dtype, enabled=args.device == "cuda"):
-            loss = module.loss(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
+    step = training_step(module, module.loss, optimizer, batches, args.device)
     for i in range(args.warmup):
         step(i)
     sync(args.device)

@@ -132,7 +132,6 @@ class LMModule(L.LightningModule):
         if compile_scope not in COMPILE_SCOPES:
             raise ConfigError(f"compile_scope={compile_scope!r} is not known; known: {', '.join(COMPILE_SCOPES)}")
         self.compile_scope = compile_scope
-        self.compile_mode = compile_mode
         # Checked (importing inductor takes seconds) when compiling, or when set without compile=true.
         options_set = any(compile_options.values()) if isinstance(compile_options, dict) else bool(compile_options)
         if compile or compile_mode != "default" or options_set:

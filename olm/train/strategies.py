@@ -22,6 +22,7 @@ import threading
 from datetime import timedelta
 from typing import Any, Callable
 
+import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
@@ -243,8 +244,6 @@ def resolve_strategy(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
             if compression not in GRADIENT_COMPRESSION:
                 raise ConfigError(f"trainer.strategy.gradient_compression={compression!r} is not known; known: "
                                   + ", ".join(GRADIENT_COMPRESSION))
-            import torch
-
             on_gpu = cfg.get("accelerator") in ("gpu", "cuda") or (cfg.get("accelerator", "auto") == "auto" and torch.cuda.is_available())
             if compression != "none" and not on_gpu:
                 # Lightning registers DDP comm hooks on CUDA devices only: elsewhere the setting would do nothing.

@@ -350,10 +350,15 @@ def llama_to_hf(model) -> dict:
     return _llama_like_hf(model, "llama", f) | {"attention_bias": f["attn_bias"], "mlp_bias": model.blocks[0].ffn.fc.bias is not None}
 
 
+def _one_window_hf(model, family: str, f: dict | None = None) -> dict:
+    """Mistral, Phi-3 and Mixtral: one sliding window (or none) for all layers, no attention bias."""
+    f = f or _facts(model)
+    _require(len(set(f["windows"])) == 1 and not f["attn_bias"], family, "one window for all layers, no bias")
+    return _llama_like_hf(model, family, f) | {"sliding_window": f["windows"][0]}
+
+
 def mistral_to_hf(model) -> dict:
-    f = _facts(model)
-    _require(len(set(f["windows"])) == 1 and not f["attn_bias"], "mistral", "one window for all layers, no bias")
-    return _llama_like_hf(model, "mistral", f) | {"sliding_window": f["windows"][0]}
+    return _one_window_hf(model, "mistral")
 
 
 def qwen2_to_hf(model) -> dict:
@@ -369,19 +374,15 @@ def qwen2_to_hf(model) -> dict:
 
 
 def phi3_to_hf(model) -> dict:
-    f = _facts(model)
-    _require(len(set(f["windows"])) == 1 and not f["attn_bias"], "phi3", "one window for all layers, no bias")
-    return _llama_like_hf(model, "phi3", f) | {"sliding_window": f["windows"][0]}
+    return _one_window_hf(model, "phi3")
 
 
 def mixtral_to_hf(model) -> dict:
     f = _facts(model)
     moe = model.blocks[0].ffn
     _require(f["ffn"] == "moe" and moe.normalize_top_k, "mixtral", "needs the moe ffn with normalize_top_k")
-    _require(len(set(f["windows"])) == 1 and not f["attn_bias"], "mixtral", "one window for all layers, no bias")
-    return _llama_like_hf(model, "mixtral", f) | {
-        "sliding_window": f["windows"][0], "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
-        "router_aux_loss_coef": moe.aux_loss_coef,
+    return _one_window_hf(model, "mixtral", f) | {
+        "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k, "router_aux_loss_coef": moe.aux_loss_coef,
     }
 
 
