@@ -4,12 +4,16 @@ of an olm preset, after warm-up, grouped into kernel families.
     python benchmarks/profile_step.py --preset gpt2_small --batch-size 32 --compile --out results/
     python benchmarks/profile_step.py --device cpu --preset lm_tiny --batch-size 2 --seq-len 32 --vocab-size 256
     torchrun --nproc-per-node 4 benchmarks/profile_step.py --preset gpt2_small --compile   # DDP; rank 0 reports
+    python benchmarks/profile_step.py --path lightning --devices 2 --strategy ddp --preset gpt2_small --compile
 
-Prints the share of GPU time per family (matmul, attention, fused/elementwise, cross-entropy, optimizer,
-communication, other), the 25 most expensive kernels, and the GPU-busy fraction of the wall time (idle gaps mean
-the host is not keeping up). Under torchrun the model is wrapped in DistributedDataParallel (NCCL on GPUs, gloo on
-CPUs) and rank 0's step is profiled, so gradient communication shows up in its own family. ``--out`` also writes
-a Chrome trace (open in chrome://tracing or Perfetto).
+``--path lightning`` profiles the same steps as olm-train runs them: olm's module in the Lightning Trainer, on
+``--devices`` GPUs with ``--strategy``. Prints the share of GPU time per family (matmul, attention, fused/elementwise, cross-entropy, optimizer,
+communication, other), the 25 most expensive kernels, and the GPU-busy fraction of the wall time (the union of
+kernel intervals: idle gaps mean the host is not keeping up). Under torchrun the model is wrapped in
+DistributedDataParallel (NCCL on GPUs, gloo on CPUs) and rank 0's step is profiled, so gradient communication shows
+up in its own family, and ``exposed_communication_ms_per_step`` is the time in which communication kernels run while
+no compute kernel does (what overlap with the backward did not hide). ``--out`` also writes a Chrome trace (open in
+chrome://tracing or Perfetto).
 """
 
 from __future__ import annotations
@@ -47,10 +51,125 @@ def family(name: str) -> str:
     return "elementwise/other"
 
 
+def covered(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def profile_plain(model_cfg, args, activities, world_size: int, rank: int):
+    """Profile ``args.steps`` steps of the hand-written loop (DistributedDataParallel under torchrun)."""
+    import throughput
+
+    module = throughput.make_module(model_cfg, args, args.compile).to(args.device)
+    module.configure_model()
+    optimizer = module.configure_optimizers()["optimizer"]
+    batches = [(x.to(args.device), y.to(args.device)) for x, y in
+               throughput.synthetic_batches(2, args.batch_size, args.seq_len, model_cfg["vocab_size"], seed=rank)]
+    loss_of = module.loss
+    if world_size > 1:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        from torch.nn.parallel import DistributedDataParallel
+
+        class Loss(torch.nn.Module):  # DDP hooks its reducer into forward, so the loss is the forward here
+            def __init__(self):
+                super().__init__()
+                self.module = module
+
+            def forward(self, x, y):
+                return self.module.loss(x, y)
+
+        cuda = args.device == "cuda"
+        ddp = DistributedDataParallel(Loss(), device_ids=[torch.cuda.current_device()] if cuda else None,
+                                      **throughput.parse_options(args.ddp_options))
+        if args.gradient_compression != "none":
+            ddp.register_comm_hook(None, getattr(default_hooks, f"{args.gradient_compression}_compress_hook"))
+        loss_of = ddp
+
+    module.train()
+    step = throughput.training_step(module, loss_of, optimizer, batches, args.device)
+    for i in range(args.warmup):
+        step(i)
+    throughput.sync(args.device)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for i in range(args.steps):
+            step(i)
+        throughput.sync(args.device)
+        wall_us = (time.perf_counter() - start) * 1e6
+    return prof, wall_us
+
+
+def profile_lightning(model_cfg, args, activities):
+    """Profile ``args.steps`` steps of olm's LMModule in the Lightning Trainer (``--devices N --strategy ddp``:
+    Lightning starts the other ranks, each profiles its own steps, rank 0 reports)."""
+    import lightning as L
+    import throughput
+
+    class ProfileSteps(L.Callback):
+        def __init__(self):
+            self.prof, self.start, self.wall_us = torch.profiler.profile(activities=activities), None, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == args.warmup and self.start is None:
+                throughput.sync(args.device)
+                self.prof.__enter__()
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == args.warmup + args.steps and self.wall_us is None:
+                throughput.sync(args.device)
+                self.wall_us = (time.perf_counter() - self.start) * 1e6
+                self.prof.__exit__(None, None, None)
+
+    callback = ProfileSteps()
+    result = throughput.lightning_loop(model_cfg, args.batch_size, args, callbacks=[callback])
+    return callback.prof, callback.wall_us, result["world_size"]
+
+
+def summarize(prof, steps: int, wall_us: float, cuda: bool) -> dict:
+    """Per-step GPU time by kernel family, the 25 most expensive kernels, busy time (union of kernel intervals) and
+    exposed communication. On CPU: top-level operators instead of kernels."""
+    by_family: dict[str, float] = defaultdict(float)
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    spans: dict[bool, list[tuple[float, float]]] = {True: [], False: []}  # communication or not -> kernel intervals
+    for event in prof.events():
+        if cuda and (event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False)):
+            continue  # GPU kernels only; record_function ranges (e.g. "Optimizer.step") would count their kernels twice
+        if not cuda and event.cpu_parent is not None:  # CPU: top-level ops only, so that time is not counted twice
+            continue
+        us = event.device_time if cuda else event.cpu_time_total
+        by_family[family(event.name)] += us
+        kernels[event.name][0] += us
+        kernels[event.name][1] += 1
+        spans[family(event.name) == "communication"].append((event.time_range.start, event.time_range.end))
+    busy = covered(spans[True] + spans[False])
+    exposed_comm = busy - covered(spans[False])
+    return {
+        "step_ms": round(wall_us / steps / 1000, 2),
+        "busy_ms_per_step": round(busy / steps / 1000, 2), "gpu_busy_fraction": round(busy / wall_us, 3),
+        "exposed_communication_ms_per_step": round(exposed_comm / steps / 1000, 2),
+        "families_ms_per_step": {k: round(v / steps / 1000, 2) for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            {"name": name[:120], "ms_per_step": round(t / steps / 1000, 3), "calls_per_step": n // steps,
+             "family": family(name)}
+            for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+        ],
+    }
+
+
 def main(argv=None) -> dict:
     import throughput
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--path", default="plain", choices=["plain", "lightning"],
+                        help="plain: the hand-written loop; lightning: olm's module in the Lightning Trainer")
+    parser.add_argument("--devices", type=int, default=1, help="lightning path: GPUs (or CPU processes)")
+    parser.add_argument("--strategy", default="auto", help="lightning path: auto, ddp, fsdp")
     parser.add_argument("--preset", default="gpt2_small")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -66,11 +185,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--override", nargs="*", default=[])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--gradient-compression", default="none", choices=["none", "bf16", "fp16"], help="under torchrun")
-    parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP gradient bucket size (under torchrun)")
+    parser.add_argument("--ddp-options", nargs="*", default=[],
+                        help="DistributedDataParallel arguments under torchrun, e.g. gradient_as_bucket_view=true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world_size > 1:
+    if world_size > 1 and args.path == "plain":  # under torchrun; Lightning sets up its own ranks
         import torch.distributed as dist
 
         if args.device == "cuda":
@@ -80,70 +200,22 @@ def main(argv=None) -> dict:
     torch.set_float32_matmul_precision("high")
 
     model_cfg = throughput.model_config(args.preset, args.vocab_size, args.seq_len, args.override)
-    module = throughput.make_module(model_cfg, args, args.compile).to(args.device)
-    module.configure_model()
-    optimizer = module.configure_optimizers()["optimizer"]
-    batches = [(x.to(args.device), y.to(args.device)) for x, y in
-               throughput.synthetic_batches(2, args.batch_size, args.seq_len, model_cfg["vocab_size"], seed=rank)]
     cuda = args.device == "cuda"
-    loss_of = module.loss
-    if world_size > 1:
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-        from torch.nn.parallel import DistributedDataParallel
-
-        class Loss(torch.nn.Module):  # DDP hooks its reducer into forward, so the loss is the forward here
-            def __init__(self):
-                super().__init__()
-                self.module = module
-
-            def forward(self, x, y):
-                return self.module.loss(x, y)
-
-        ddp = DistributedDataParallel(Loss(), device_ids=[torch.cuda.current_device()] if cuda else None,
-                                      bucket_cap_mb=args.bucket_cap_mb)
-        if args.gradient_compression != "none":
-            ddp.register_comm_hook(None, getattr(default_hooks, f"{args.gradient_compression}_compress_hook"))
-        loss_of = ddp
-
-    module.train()
-    step = throughput.training_step(module, loss_of, optimizer, batches, args.device)
-    for i in range(args.warmup):
-        step(i)
-    throughput.sync(args.device)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for i in range(args.steps):
-            step(i)
-        throughput.sync(args.device)
-        wall_us = (time.perf_counter() - start) * 1e6
-
-    by_family: dict[str, float] = defaultdict(float)
-    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for event in prof.events():
-        if cuda and (event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False)):
-            continue  # GPU kernels only; record_function ranges (e.g. "Optimizer.step") would count their kernels twice
-        if not cuda and event.cpu_parent is not None:  # CPU: top-level ops only, so that time is not counted twice
-            continue
-        us = event.device_time if cuda else event.cpu_time_total
-        by_family[family(event.name)] += us
-        kernels[event.name][0] += us
-        kernels[event.name][1] += 1
-    busy = sum(by_family.values())
+    if args.path == "lightning":
+        prof, wall_us, world_size = profile_lightning(model_cfg, args, activities)  # ranks > 0 exit inside
+    else:
+        prof, wall_us = profile_plain(model_cfg, args, activities, world_size, rank)
     result = {
-        "world_size": world_size, "gradient_compression": args.gradient_compression if world_size > 1 else None,
+        "path": args.path, "world_size": world_size,
+        "gradient_compression": args.gradient_compression if world_size > 1 else None,
+        "ddp_options": " ".join(args.ddp_options) or None if world_size > 1 else None,
         "preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len, "compile": args.compile,
-        "compile_mode": args.compile_mode, "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "torch": torch.__version__, "step_ms": round(wall_us / args.steps / 1000, 2),
-        "busy_ms_per_step": round(busy / args.steps / 1000, 2), "gpu_busy_fraction": round(busy / wall_us, 3),
-        "families_ms_per_step": {k: round(v / args.steps / 1000, 2) for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
-        "top_kernels": [
-            {"name": name[:120], "ms_per_step": round(t / args.steps / 1000, 3), "calls_per_step": n // args.steps,
-             "family": family(name)}
-            for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
-        ],
+        "compile_mode": args.compile_mode, "compile_scope": args.compile_scope,
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+        **summarize(prof, args.steps, wall_us, cuda),
     }
-    if world_size > 1:
+    if world_size > 1 and args.path == "plain":
         import torch.distributed as dist
 
         dist.destroy_process_group()

@@ -4,9 +4,12 @@ FSDP, the path olm-train uses), reporting tokens/s, scaling efficiency and peak 
 efficiency(n) = tokens_per_sec(n) / (n * tokens_per_sec(1))
 
     python benchmarks/scaling.py --gpus 1 2 4 --preset gpt2_small --batch-size 32 --compile --out results/
+    python benchmarks/scaling.py --gpus 1 2 --repeats 3 ...   # 1,2,1,2,1,2; efficiency from the medians
     python benchmarks/scaling.py --gpus 1 4 --strategy fsdp --preset llama_small --override model.num_layers=24 ...
 
-Each point runs benchmarks/throughput.py in a fresh process (Lightning starts the other ranks).
+Each point runs benchmarks/throughput.py in a fresh process (Lightning starts the other ranks). With ``--repeats R``
+the whole sequence of GPU counts runs R times, interleaved so that a slow spell of the machine does not fall on one
+count only; the table then gives each count's median tokens/s, the spread (min-max) and the efficiency of the medians.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 from datetime import date
@@ -57,6 +61,29 @@ def run_point(n: int, args) -> dict:
     return rows[-1]
 
 
+def summarize(rows: list[dict], command: str) -> str:
+    """Markdown table, one line per GPU count: median tokens/s over its repeats, their spread, and the efficiency of
+    the medians against the 1-GPU median. Sets ``efficiency`` on each row (against the 1-GPU median)."""
+    by_n: dict[int, list[dict]] = {}
+    for r in rows:
+        by_n.setdefault(r["world_size"], []).append(r)
+    median = {n: statistics.median(r["tokens_per_sec"] for r in rs) for n, rs in by_n.items()}
+    base = median.get(1)
+    for r in rows:
+        r["efficiency"] = round(r["tokens_per_sec"] / (r["world_size"] * base), 3) if base else None
+    lines = [f"date {date.today().isoformat()}; command: `{command}`", "",
+             "| GPUs | strategy | compile scope | grad. compression | DDP options | batch/GPU | runs | tokens/s (median) | min-max | efficiency | MFU | peak mem GiB/GPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, rs in by_n.items():
+        r, values = rs[0], [x["tokens_per_sec"] for x in rs]
+        efficiency = round(median[n] / (n * base), 3) if base else None
+        mfu = f"{statistics.median(x['mfu'] for x in rs):.1%}" if r["mfu"] is not None else "n/a"
+        lines.append(f"| {n} | {r['strategy']} | {r.get('compile_scope')} | {r.get('gradient_compression')} | {r.get('ddp_options') or '-'} "
+                     f"| {r['batch_size']} | {len(rs)} | {round(median[n]):,} | {min(values):,}-{max(values):,} | {efficiency} | {mfu} "
+                     f"| {max(x['peak_mem_gib'] or 0 for x in rs) or None} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", nargs="+", type=int, default=[1, 2, 4])
@@ -77,24 +104,20 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--ddp-options", nargs="*", default=[], help="e.g. bucket_cap_mb=100 gradient_as_bucket_view=true")
     parser.add_argument("--override", nargs="*", default=[])
+    parser.add_argument("--repeats", type=int, default=1, help="run the whole --gpus sequence this many times")
     parser.add_argument("--point-timeout", type=float, default=900.0, help="seconds per point; its ranks are stopped too")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
     rows = []
-    for n in args.gpus:
-        row = run_point(n, args)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    base = next((r["tokens_per_sec"] for r in rows if r["world_size"] == 1), None)
-    lines = [f"date {date.today().isoformat()}; command: `python benchmarks/scaling.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-             "| GPUs | strategy | compile scope | grad. compression | DDP options | batch/GPU | tokens/s | efficiency | MFU | peak mem GiB/GPU |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        r["efficiency"] = round(r["tokens_per_sec"] / (r["world_size"] * base), 3) if base else None
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        lines.append(f"| {r['world_size']} | {r['strategy']} | {r.get('compile_scope')} | {r.get('gradient_compression')} | {r.get('ddp_options') or '-'} | {r['batch_size']} | {r['tokens_per_sec']:,} | {r['efficiency']} | {mfu} | {r['peak_mem_gib']} |")
-    table = "\n".join(lines) + "\n"
+    for _ in range(args.repeats):
+        for n in args.gpus:
+            row = run_point(n, args)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    table = summarize(rows, "python benchmarks/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
-"""Training throughput of olm presets: a plain PyTorch loop vs the Lightning Trainer with olm's module and callbacks.
+"""Training throughput of olm presets: a plain PyTorch loop vs the Lightning Trainer with olm's module and callbacks,
+and, as a same-card reference, Hugging Face transformers' implementation of the same shape in the plain loop.
 
-Both paths time full training steps (forward, backward, AdamW step, gradient clipping) after warm-up on synthetic
-tokens, with the same model, optimizer, precision and compilation, and report tokens/s, MFU and peak memory.
+All paths time full training steps (forward, backward, AdamW step, gradient clipping) after warm-up on synthetic
+tokens, with the same optimizer, precision and compilation, and report tokens/s, MFU and peak memory.
 
 MFU = tokens/s * flops_per_token / peak, with flops_per_token = 6 N + 12 L H Q T (olm/train/flops.py: N without
 position tables; L layers, H heads of size Q, T sequence length) and the card's dense bf16 peak (989 TFLOP/s for
@@ -9,6 +10,11 @@ H100/H200 SXM).
 
     python benchmarks/throughput.py --presets gpt2_small llama_small --batch-sizes 32 16 --compile --out results/
     python benchmarks/throughput.py --device cpu --presets lm_tiny --batch-sizes 2 --steps 3 --warmup 1   # smoke test
+    python benchmarks/throughput.py --presets gpt2_small --paths plain hf --compile   # olm vs transformers, same card
+
+The ``hf`` path builds the transformers model that olm exports the preset to (GPT2LMHeadModel for gpt2_small,
+LlamaForCausalLM for llama_small; SDPA attention, the preset's padded vocabulary), compiles its forward and the
+cross-entropy as one function like olm's default, and steps it in the plain loop (needs the ``hf`` extra).
 """
 
 from __future__ import annotations
@@ -94,15 +100,13 @@ def training_step(module, loss_of, optimizer, batches, device: str):
     return step
 
 
-def plain_loop(model_cfg, batch_size, args) -> dict:
-    """The reference: the same module's loss and optimizer, stepped by hand."""
-    module = make_module(model_cfg, args, args.compile).to(args.device)
-    module.configure_model()
-    optimizer = module.configure_optimizers()["optimizer"]
-    batches = synthetic_batches(4, batch_size, args.seq_len, model_cfg["vocab_size"])
-    batches = [(x.to(args.device), y.to(args.device)) for x, y in batches]
-    module.train()
-    step = training_step(module, module.loss, optimizer, batches, args.device)
+def device_batches(batch_size: int, vocab_size: int, args) -> list:
+    batches = synthetic_batches(4, batch_size, args.seq_len, vocab_size)
+    return [(x.to(args.device), y.to(args.device)) for x, y in batches]
+
+
+def time_steps(step, args) -> tuple[float, torch.Tensor]:
+    """Seconds for ``args.steps`` calls of step(i) after ``args.warmup`` untimed ones, and the last loss."""
     for i in range(args.warmup):
         step(i)
     sync(args.device)
@@ -110,8 +114,58 @@ def plain_loop(model_cfg, batch_size, args) -> dict:
     for i in range(args.steps):
         loss = step(i)
     sync(args.device)
-    elapsed = time.perf_counter() - start
-    return {"seconds": elapsed, "final_loss": float(loss), "module": module}
+    return time.perf_counter() - start, loss
+
+
+def plain_loop(model_cfg, batch_size, args) -> dict:
+    """The reference: the same module's loss and optimizer, stepped by hand."""
+    module = make_module(model_cfg, args, args.compile).to(args.device)
+    module.configure_model()
+    optimizer = module.configure_optimizers()["optimizer"]
+    batches = device_batches(batch_size, model_cfg["vocab_size"], args)
+    module.train()
+    seconds, loss = time_steps(training_step(module, module.loss, optimizer, batches, args.device), args)
+    return {"seconds": seconds, "final_loss": float(loss), "module": module}
+
+
+def hf_model(model_cfg: dict):
+    """The transformers model of the same shape as the olm preset (the family olm exports it to), randomly
+    initialised, with the preset's padded vocabulary and SDPA attention."""
+    import transformers
+
+    import olm
+    from olm.zoo.families import infer_family
+
+    with torch.device("meta"):
+        model = olm.build_model(model_cfg)
+    family = infer_family(model)
+    config = transformers.AutoConfig.for_model(family.model_type, **family.to_hf(model))
+    config.vocab_size = model.embedding.token.num_embeddings  # padded, as olm trains it (50304 for GPT-2)
+    config.use_cache = False
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def hf_loop(model_cfg, batch_size, args) -> dict:
+    """transformers' model of the same shape in the plain loop: AdamW (fused on GPU, decay on matrices only, as
+    olm), bf16 autocast, clipping; with --compile, forward and loss compiled as one function."""
+    import torch.nn.functional as F
+
+    model = hf_model(model_cfg).to(args.device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=6e-4, betas=(0.9, 0.95), fused=args.device == "cuda" or None)
+
+    def loss_of(x, y):
+        logits = model(input_ids=x).logits
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    if args.compile:
+        loss_of = torch.compile(loss_of)
+    batches = device_batches(batch_size, model_cfg["vocab_size"], args)
+    model.train()
+    seconds, loss = time_steps(training_step(model, loss_of, optimizer, batches, args.device), args)
+    return {"seconds": seconds, "final_loss": float(loss), "module": None}
 
 
 class _StepTimer:
@@ -124,8 +178,9 @@ class _StepTimer:
             self.start = time.perf_counter()
 
 
-def lightning_loop(model_cfg, batch_size, args) -> dict:
-    """olm's LMModule in the Lightning Trainer, with olm's throughput callback, as olm-train runs it."""
+def lightning_loop(model_cfg, batch_size, args, callbacks=()) -> dict:
+    """olm's LMModule in the Lightning Trainer, with olm's throughput callback, as olm-train runs it (plus
+    ``callbacks``)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -159,7 +214,7 @@ def lightning_loop(model_cfg, batch_size, args) -> dict:
         max_steps=args.warmup + args.steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         use_distributed_sampler=False,
-        callbacks=[ThroughputMonitor(args.seq_len, batch_size, args.log_every), Timer()],
+        callbacks=[ThroughputMonitor(args.seq_len, batch_size, args.log_every), Timer(), *callbacks],
     )
     trainer.fit(module, train_dataloaders=loader)
     if not trainer.is_global_zero:
@@ -174,7 +229,7 @@ def run_case(preset: str, batch_size: int, path: str, args) -> dict:
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    result = (plain_loop if path == "plain" else lightning_loop)(model_cfg, batch_size, args)
+    result = {"plain": plain_loop, "lightning": lightning_loop, "hf": hf_loop}[path](model_cfg, batch_size, args)
     module = result.pop("module")
     world_size = result.get("world_size", 1)
     tokens_per_sec = world_size * args.steps * batch_size * args.seq_len / result["seconds"]
@@ -191,7 +246,7 @@ def run_case(preset: str, batch_size: int, path: str, args) -> dict:
         "mfu": round(tokens_per_sec * fpt / (peak * world_size), 4) if peak else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
         "step_ms": round(1000 * result["seconds"] / args.steps, 2),
-        "compile": args.compile, "fused_loss": str(args.fused_loss), "fused_ce_used": module._fused_ce is not None,
+        "compile": args.compile, "fused_loss": str(args.fused_loss), "fused_ce_used": module is not None and module._fused_ce is not None,
         "activation_checkpointing": args.activation_checkpointing, "attention_backend": args.attention_backend,
         "compile_mode": args.compile_mode, "compile_scope": args.compile_scope if args.compile else None,
         "compile_options": " ".join(args.compile_options) or None,
@@ -219,7 +274,8 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["gpt2_small"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32])
-    parser.add_argument("--paths", nargs="+", default=["plain", "lightning"], choices=["plain", "lightning"])
+    parser.add_argument("--paths", nargs="+", default=["plain", "lightning"], choices=["plain", "lightning", "hf"],
+                        help="hf: transformers' model of the same shape, as a same-card reference")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--vocab-size", type=int, default=50257, help="padded by the preset (GPT-2: to 50304)")
     parser.add_argument("--steps", type=int, default=30)
@@ -240,6 +296,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, default=None, help="directory for throughput.json and throughput.md")
     args = parser.parse_args(argv)
+    olm_only = {"--fused-loss": args.fused_loss is not False, "--activation-checkpointing": args.activation_checkpointing,
+                "--attention-backend": args.attention_backend != "auto", "--compile-mode": args.compile_mode != "default",
+                "--compile-scope": args.compile_scope != "model", "--compile-options": bool(args.compile_options)}
+    if "hf" in args.paths and any(olm_only.values()):
+        parser.error(f"--paths hf times transformers' model as it is; {', '.join(k for k, v in olm_only.items() if v)} "
+                     "apply to olm's paths only: time hf in a run without them")
     torch.set_float32_matmul_precision("high")
 
     rows = []
