@@ -11,7 +11,8 @@ of an olm preset, after warm-up, grouped into kernel families.
 communication, other), the 25 most expensive kernels, and the GPU-busy fraction of the wall time (the union of
 kernel intervals: idle gaps mean the host is not keeping up). Under torchrun the model is wrapped in
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs) and rank 0's step is profiled, so gradient communication shows
-up in its own family, and ``exposed_communication_ms_per_step`` is the time in which communication kernels run while
+up in its own family, ``collectives_per_step`` counts the c10d operators each step issues, and
+``exposed_communication_ms_per_step`` is the time in which communication kernels run while
 no compute kernel does (what overlap with the backward did not hide). ``--out`` also writes a Chrome trace (open in
 chrome://tracing or Perfetto).
 """
@@ -137,7 +138,10 @@ def summarize(prof, steps: int, wall_us: float, cuda: bool) -> dict:
     by_family: dict[str, float] = defaultdict(float)
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     spans: dict[bool, list[tuple[float, float]]] = {True: [], False: []}  # communication or not -> kernel intervals
+    collectives: dict[str, int] = defaultdict(int)  # c10d operators issued per step, at any depth (GPU and CPU)
     for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith("c10d::"):
+            collectives[event.name] += 1
         if cuda and (event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False)):
             continue  # GPU kernels only; record_function ranges (e.g. "Optimizer.step") would count their kernels twice
         if not cuda and event.cpu_parent is not None:  # CPU: top-level ops only, so that time is not counted twice
@@ -153,6 +157,7 @@ def summarize(prof, steps: int, wall_us: float, cuda: bool) -> dict:
         "step_ms": round(wall_us / steps / 1000, 2),
         "busy_ms_per_step": round(busy / steps / 1000, 2), "gpu_busy_fraction": round(busy / wall_us, 3),
         "exposed_communication_ms_per_step": round(exposed_comm / steps / 1000, 2),
+        "collectives_per_step": {k: round(n / steps, 2) for k, n in sorted(collectives.items())},
         "families_ms_per_step": {k: round(v / steps / 1000, 2) for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
         "top_kernels": [
             {"name": name[:120], "ms_per_step": round(t / steps / 1000, 3), "calls_per_step": n // steps,

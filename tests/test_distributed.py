@@ -124,3 +124,61 @@ def test_slurm_and_torchrun_environments_are_read_as_lightning_expects(monkeypat
     assert TorchElasticEnvironment.detect()
     env = TorchElasticEnvironment()
     assert (env.world_size(), env.global_rank(), env.local_rank(), env.node_rank()) == (8, 5, 1, 1)
+
+
+def test_sigterm_check_runs_every_n_batches():
+    """Lightning's per-batch SIGTERM broadcast (a host sync per step) runs on the first batch and every n-th after."""
+    from olm.train.strategies import throttle_sigterm_check
+
+    class Loop:
+        def __init__(self):
+            self.calls = 0
+
+        def _broadcast_sigterm_tensor(self):
+            self.calls += 1
+
+    loop = Loop()
+    assert throttle_sigterm_check(loop, 10)
+    for _ in range(25):
+        loop._broadcast_sigterm_tensor()
+    assert loop.calls == 3  # batches 0, 10 and 20
+    assert not throttle_sigterm_check(object(), 10)  # no such check: nothing changed
+    assert not throttle_sigterm_check(Loop(), 1)
+
+
+def test_installed_lightning_has_the_per_batch_sigterm_check():
+    """The throttle targets this method; if a Lightning upgrade renames it, this fails instead of a silent no-op."""
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    assert callable(getattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor", None))
+
+
+def test_ddp_broadcasts_buffers_only_when_they_are_state():
+    """olm's buffers (RoPE tables) are non-persistent constants: DDP need not broadcast them before every forward."""
+    import torch
+
+    import olm
+    from olm.train.strategies import has_state_buffers
+
+    model = olm.build_model({"name": "lm", "vocab_size": 32, "embed_dim": 16, "num_heads": 2, "num_layers": 1,
+                             "max_seq_len": 8})
+    assert len(list(model.buffers())) > 0 and not has_state_buffers(model)
+    assert has_state_buffers(torch.nn.Sequential(model, torch.nn.BatchNorm1d(4)))
+
+
+@pytest.mark.slow
+def test_ddp_step_issues_only_the_gradient_all_reduce():
+    """Two gloo processes through the Lightning path (benchmarks/profile_step.py): between logging steps a training
+    step issues one collective, the gradient all-reduce; no buffer broadcast, no SIGTERM broadcast."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "profile_step.py"), "--path", "lightning", "--devices", "2",
+         "--strategy", "ddp", "--device", "cpu", "--preset", "lm_tiny", "--batch-size", "2", "--seq-len", "32",
+         "--vocab-size", "256", "--warmup", "3", "--steps", "4"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    assert result["world_size"] == 2
+    assert result["collectives_per_step"] == {"c10d::allreduce_": 1.0}

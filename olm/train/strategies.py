@@ -12,6 +12,7 @@ their ranks from the environment.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -155,17 +156,63 @@ class HydraJobLauncher(_SubprocessScriptLauncher):
             self.procs.append(subprocess.Popen(command, env=child_env))
 
 
-class _OwnLauncher:
+def throttle_sigterm_check(loop, every: int) -> bool:
+    """Make Lightning's per-batch SIGTERM check of a multi-process run happen every ``every`` batches.
+
+    Lightning (2.6) broadcasts rank 0's "received SIGTERM" flag at the start of every training batch and reads it on
+    the host: a device sync per step, which leaves the GPUs idle while the host queues the next step. Checked every
+    ``every`` batches (olm passes the logging interval, whose steps sync anyway), a SIGTERM still stops all ranks
+    together, at most ``every`` batches later. Every rank counts the same batches, so the collectives stay paired.
+    Returns False when the loop has no such check (other Lightning versions): nothing is changed then.
+    """
+    check = getattr(loop, "_broadcast_sigterm_tensor", None)
+    if check is None or every <= 1:
+        return False
+    batches = itertools.count()
+
+    def every_nth_batch() -> None:
+        if next(batches) % every == 0:
+            check()
+
+    loop._broadcast_sigterm_tensor = every_nth_batch
+    return True
+
+
+def has_state_buffers(module: torch.nn.Module) -> bool:
+    """Whether any buffer of ``module`` is persistent (saved in the state dict, e.g. BatchNorm's running statistics).
+    olm's own buffers (RoPE tables, ALiBi slopes) are non-persistent constants computed from the config."""
+    return any(name not in m._non_persistent_buffers_set for m in module.modules() for name in m._buffers)
+
+
+class _OlmStrategy:
+    """What olm's DDP and FSDP strategies add to Lightning's: their own launcher for the child ranks, and the SIGTERM
+    check at logging steps only."""
+
     def _configure_launcher(self) -> None:
         if not self.cluster_environment.creates_processes_externally:
             self._launcher = HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        if trainer.world_size > 1:
+            throttle_sigterm_check(trainer.fit_loop.epoch_loop, trainer.log_every_n_steps)
 
-class OlmDDPStrategy(_OwnLauncher, DDPStrategy):
-    """DDPStrategy whose children are single Hydra jobs (see module docstring)."""
+
+class OlmDDPStrategy(_OlmStrategy, DDPStrategy):
+    """DDPStrategy whose children are single Hydra jobs (see module docstring).
+
+    Buffers are broadcast from rank 0 before each forward (DDP's ``broadcast_buffers``) only when the model has
+    persistent ones: olm's buffers are constants, equal on every rank, and the broadcast would be a collective per
+    step for nothing. ``trainer.strategy.broadcast_buffers`` set explicitly wins.
+    """
+
+    def _setup_model(self, model):
+        if "broadcast_buffers" not in self._ddp_kwargs and not has_state_buffers(model):
+            self._ddp_kwargs["broadcast_buffers"] = False
+        return super()._setup_model(model)
 
 
-class OlmFSDPStrategy(_OwnLauncher, FSDPStrategy):
+class OlmFSDPStrategy(_OlmStrategy, FSDPStrategy):
     """FSDPStrategy whose children are single Hydra jobs (see module docstring)."""
 
 
