@@ -9,7 +9,10 @@ qkv activations. ``none`` skips the rotation (the floor); the others differ only
   angles (cos, -sin) instead of autograd's derivation through the slicing;
 - ``halves``: out = cat(x1 cos - x2 sin, x2 cos + x1 sin) on the two halves, fp32 math;
 - ``bf16``: rotate-half in the activation dtype (as transformers' Llama computes it);
-- ``before_transpose``: ``olm``'s math applied in (B, T, heads, hd), before the transpose to SDPA's layout.
+- ``before_transpose``: ``olm``'s math applied in (B, T, heads, hd), before the transpose to SDPA's layout;
+- ``interleaved``: pairs of neighbouring features (2i, 2i+1) instead of (i, i + hd/2), fp32 math, as Meta's original
+  Llama code; the same rotation of a permuted feature order (a checkpoint would need its q/k rows permuted), so its
+  gradient is not compared with the others.
 
     python benchmarks/rope_kernels.py                        # llama_small's attention shape, batch 32 x 1024
     python benchmarks/rope_kernels.py --device cpu --batch-size 2 --seq-len 64 --iters 2   # smoke test
@@ -63,7 +66,15 @@ def rotate_bf16(x, cos, sin):
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
-VARIANTS = ["none", "olm", "explicit_backward", "halves", "bf16", "before_transpose"]
+def rotate_interleaved(x, cos, sin):
+    half = x.shape[-1] // 2
+    pairs = x.float().unflatten(-1, (half, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    c, s = cos[..., :half], sin[..., :half]
+    return torch.stack([even * c - odd * s, odd * c + even * s], dim=-1).flatten(-2).to(x.dtype)
+
+
+VARIANTS = ["none", "olm", "explicit_backward", "halves", "bf16", "before_transpose", "interleaved"]
 
 
 def attention_inputs(variant: str, H: int, KV: int, hd: int):
@@ -80,6 +91,8 @@ def attention_inputs(variant: str, H: int, KV: int, hd: int):
             q, k = _ExplicitBackward.apply(q, cos, sin), _ExplicitBackward.apply(k, cos, sin)
         elif variant == "halves":
             q, k = rotate_halves(q, cos, sin), rotate_halves(k, cos, sin)
+        elif variant == "interleaved":
+            q, k = rotate_interleaved(q, cos, sin), rotate_interleaved(k, cos, sin)
         elif variant == "bf16":
             q, k = rotate_bf16(q, cos, sin), rotate_bf16(k, cos, sin)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
@@ -117,7 +130,7 @@ def main(argv=None) -> list[dict]:
 
         for _ in range(3):
             step()
-        if variant != "none":  # every formulation computes the same gradient (bf16: within its rounding)
+        if variant not in ("none", "interleaved"):  # the same gradient (bf16: within its rounding)
             if reference is None:
                 reference = qkv.grad.float().clone()
             error = (qkv.grad.float() - reference).abs().max().item() / reference.abs().max().item()
