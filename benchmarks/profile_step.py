@@ -38,7 +38,7 @@ FAMILIES = [
     ("attention", r"flash|fmha|attention|sdpa|cudnn.*(mha|sdpa)|_efficient_attention"),
     ("matmul", r"gemm|sm90_xmma|cutlass|ampere_|sm80_|nvjet|matmul|triton_tem_fused_mm|mm_|^aten::(add|b)?mm$|^aten::linear$"),
     ("optimizer", r"adam|foreach|multi_tensor|fused_adamw|clip|norm_kernel_multi"),
-    ("communication", r"nccl|allreduce|all_reduce|reduce_scatter|allgather"),
+    ("communication", r"nccl|allreduce|all_reduce|reduce_scatter|allgather|^c10d::|^gloo:"),
     ("cross-entropy", r"cross_entropy|log_softmax|nll_loss|logsumexp"),
     ("fused (inductor)", r"^triton_"),
     ("elementwise/other", r".*"),
@@ -115,20 +115,19 @@ def profile_lightning(model_cfg, args, activities):
         def __init__(self):
             self.prof, self.start, self.wall_us = torch.profiler.profile(activities=activities), None, None
 
+        # From one batch start to the batch start ``steps`` later: whole steps, each with its gap to the next batch.
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == args.warmup and self.start is None:
                 throughput.sync(args.device)
                 self.prof.__enter__()
                 self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == args.warmup + args.steps and self.wall_us is None:
+            elif trainer.global_step == args.warmup + args.steps and self.wall_us is None:
                 throughput.sync(args.device)
                 self.wall_us = (time.perf_counter() - self.start) * 1e6
                 self.prof.__exit__(None, None, None)
 
     callback = ProfileSteps()
-    result = throughput.lightning_loop(model_cfg, args.batch_size, args, callbacks=[callback])
+    result = throughput.lightning_loop(model_cfg, args.batch_size, args, callbacks=[callback], extra_steps=1)
     return callback.prof, callback.wall_us, result["world_size"]
 
 
@@ -189,9 +188,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--override", nargs="*", default=[])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
-    parser.add_argument("--gradient-compression", default="none", choices=["none", "bf16", "fp16"], help="under torchrun")
+    parser.add_argument("--gradient-compression", default="none", choices=["none", "bf16", "fp16"], help="DDP: under torchrun, or --path lightning")
     parser.add_argument("--ddp-options", nargs="*", default=[],
-                        help="DistributedDataParallel arguments under torchrun, e.g. gradient_as_bucket_view=true")
+                        help="DistributedDataParallel arguments (torchrun or --path lightning), e.g. gradient_as_bucket_view=true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))

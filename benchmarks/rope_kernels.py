@@ -18,8 +18,8 @@ qkv activations. ``none`` skips the rotation (the floor); the others differ only
     python benchmarks/rope_kernels.py --device cpu --batch-size 2 --seq-len 64 --iters 2   # smoke test
 
 Prints ms per forward + backward for each variant, the largest gradient difference against the first rotating
-variant, and the largest kernels of each under the profiler. (RESULTS.md: the backward of the rotation fused with
-the transpose back to the qkv layout costs about 7x the forward's kernel whatever the formulation.)
+variant, and the largest kernels of each under the profiler. (RESULTS.md: in every formulation tried, the backward
+of the rotation fused with the transpose back to the qkv layout costs 5-11x the forward's kernel.)
 """
 
 from __future__ import annotations

@@ -112,17 +112,20 @@ def main(argv=None) -> list[dict]:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
     rows = []
-    for _ in range(args.repeats):
-        for n in args.gpus:
-            row = run_point(n, args)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    table = summarize(rows, "python benchmarks/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    print(table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "scaling.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (args.out / "scaling.md").write_text(table)
+    try:
+        for _ in range(args.repeats):
+            for n in args.gpus:
+                row = run_point(n, args)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    finally:  # a failed or stopped point keeps the points measured before it
+        if rows:
+            table = summarize(rows, "python benchmarks/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+            print(table)
+            if args.out:
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "scaling.json").write_text(json.dumps(rows, indent=2) + "\n")
+                (args.out / "scaling.md").write_text(table)
     return rows
 
 

@@ -146,13 +146,14 @@ def hf_model(model_cfg: dict):
 
 
 def hf_loop(model_cfg, batch_size, args) -> dict:
-    """transformers' model of the same shape in the plain loop: AdamW (fused on GPU, decay on matrices only, as
-    olm), bf16 autocast, clipping; with --compile, forward and loss compiled as one function."""
+    """transformers' model of the same shape in the plain loop: AdamW (fused on GPU; decay on matrices but not on
+    embeddings, as olm), bf16 autocast, clipping; with --compile, forward and loss compiled as one function."""
     import torch.nn.functional as F
 
     model = hf_model(model_cfg).to(args.device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=6e-4, betas=(0.9, 0.95), fused=args.device == "cuda" or None)
 
@@ -165,7 +166,8 @@ def hf_loop(model_cfg, batch_size, args) -> dict:
     batches = device_batches(batch_size, model_cfg["vocab_size"], args)
     model.train()
     seconds, loss = time_steps(training_step(model, loss_of, optimizer, batches, args.device), args)
-    return {"seconds": seconds, "final_loss": float(loss), "module": None}
+    return {"seconds": seconds, "final_loss": float(loss), "module": None,
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 class _StepTimer:
@@ -178,9 +180,9 @@ class _StepTimer:
             self.start = time.perf_counter()
 
 
-def lightning_loop(model_cfg, batch_size, args, callbacks=()) -> dict:
-    """olm's LMModule in the Lightning Trainer, with olm's throughput callback, as olm-train runs it (plus
-    ``callbacks``)."""
+def lightning_loop(model_cfg, batch_size, args, callbacks=(), extra_steps: int = 0) -> dict:
+    """olm's LMModule in the Lightning Trainer, with olm's throughput callback and logging interval, as olm-train
+    runs it (plus ``callbacks``, and ``extra_steps`` beyond warm-up and timed steps)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -211,7 +213,8 @@ def lightning_loop(model_cfg, batch_size, args, callbacks=()) -> dict:
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=args.devices, strategy=strategy,
         precision="bf16-mixed" if args.device == "cuda" else "32-true",
-        max_steps=args.warmup + args.steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+        max_steps=args.warmup + args.steps + extra_steps, log_every_n_steps=args.log_every, gradient_clip_val=1.0,
+        logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         use_distributed_sampler=False,
         callbacks=[ThroughputMonitor(args.seq_len, batch_size, args.log_every), Timer(), *callbacks],
@@ -241,7 +244,7 @@ def run_case(preset: str, batch_size: int, path: str, args) -> dict:
     peak = peak_flops(torch.cuda.get_device_name()) if args.device == "cuda" else None
     row = {
         "preset": preset, "path": path, "batch_size": batch_size, "seq_len": args.seq_len,
-        "params": full_model.num_parameters(), "tokens_per_sec": round(tokens_per_sec),
+        "params": result.get("params", full_model.num_parameters()), "tokens_per_sec": round(tokens_per_sec),
         "world_size": world_size, "strategy": str(args.strategy),
         "mfu": round(tokens_per_sec * fpt / (peak * world_size), 4) if peak else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
@@ -298,7 +301,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     olm_only = {"--fused-loss": args.fused_loss is not False, "--activation-checkpointing": args.activation_checkpointing,
                 "--attention-backend": args.attention_backend != "auto", "--compile-mode": args.compile_mode != "default",
-                "--compile-scope": args.compile_scope != "model", "--compile-options": bool(args.compile_options)}
+                "--compile-scope": args.compile_scope != "model", "--compile-options": bool(args.compile_options),
+                "--devices": args.devices > 1, "--strategy": args.strategy != "auto"}
     if "hf" in args.paths and any(olm_only.values()):
         parser.error(f"--paths hf times transformers' model as it is; {', '.join(k for k, v in olm_only.items() if v)} "
                      "apply to olm's paths only: time hf in a run without them")

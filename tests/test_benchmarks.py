@@ -26,6 +26,7 @@ def test_throughput_script_on_cpu(tmp_path):
     assert "| lm_tiny | lightning | 1 | 2 |" in (tmp_path / "throughput.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset, hf_class", [("gpt2_small", "GPT2LMHeadModel"), ("llama_small", "LlamaForCausalLM")])
 def test_throughput_hf_reference_has_the_same_shape(preset, hf_class):
     """The hf path times transformers' model of the preset's shape: same class olm exports to, same parameter count
@@ -39,14 +40,18 @@ def test_throughput_hf_reference_has_the_same_shape(preset, hf_class):
     cfg = throughput.model_config(preset, 250, 32, overrides)
     hf = throughput.hf_model(cfg)
     assert type(hf).__name__ == hf_class and hf.config.vocab_size == 256  # 250 padded to 64
+    lm_dropouts = ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "dropout")  # used by the LM classes
+    dropouts = {k: v for k, v in hf.config.to_dict().items() if k in lm_dropouts}
+    assert dropouts and set(dropouts.values()) == {0.0}  # olm's presets train without dropout; so does the reference
     assert sum(p.numel() for p in hf.parameters()) == olm.build_model(cfg).num_parameters()
     rows = throughput.main(["--device", "cpu", "--presets", preset, "--paths", "plain", "hf", "--batch-sizes", "2",
                             "--steps", "1", "--warmup", "1", "--seq-len", "32", "--vocab-size", "250",
                             "--override", *overrides])
     assert [r["path"] for r in rows] == ["plain", "hf"] and rows[0]["params"] == rows[1]["params"]
     assert all(r["tokens_per_sec"] > 0 for r in rows)
-    with pytest.raises(SystemExit):  # olm-only settings would be reported but not applied to transformers' model
-        throughput.main(["--device", "cpu", "--presets", preset, "--paths", "hf", "--activation-checkpointing"])
+    for olm_only in (["--activation-checkpointing"], ["--devices", "2"]):  # would be reported, not applied to hf
+        with pytest.raises(SystemExit):
+            throughput.main(["--device", "cpu", "--presets", preset, "--paths", "hf", *olm_only])
 
 
 def test_profile_script_on_cpu(tmp_path):
@@ -64,6 +69,7 @@ def test_profile_script_on_cpu(tmp_path):
     assert json.loads((tmp_path / "trace_lm_tiny.json").read_text())["traceEvents"]
 
 
+@pytest.mark.slow
 def test_profile_script_lightning_path_on_cpu():
     """--path lightning profiles the steps of the Lightning Trainer (here one CPU process): same report."""
     import profile_step

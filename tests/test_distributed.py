@@ -126,50 +126,96 @@ def test_slurm_and_torchrun_environments_are_read_as_lightning_expects(monkeypat
     assert (env.world_size(), env.global_rank(), env.local_rank(), env.node_rank()) == (8, 5, 1, 1)
 
 
-def test_sigterm_check_runs_every_n_batches():
-    """Lightning's per-batch SIGTERM broadcast (a host sync per step) runs on the first batch and every n-th after."""
-    from olm.train.strategies import throttle_sigterm_check
+def _sigterm_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One of two gloo ranks stepping a stand-in for Lightning's loop: 12 steps of 2 batches (gradient accumulation),
+    the SIGTERM check at every batch start; rank 0 alone gets the signal during step 4."""
+    from types import SimpleNamespace
 
-    class Loop:
-        def __init__(self):
-            self.calls = 0
+    import torch
+    import torch.distributed as dist
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        def _broadcast_sigterm_tensor(self):
-            self.calls += 1
+    from olm.train.strategies import SigtermSync
 
-    loop = Loop()
-    assert throttle_sigterm_check(loop, 10)
-    for _ in range(25):
-        loop._broadcast_sigterm_tensor()
-    assert loop.calls == 3  # batches 0, 10 and 20
-    assert not throttle_sigterm_check(object(), 10)  # no such check: nothing changed
-    assert not throttle_sigterm_check(Loop(), 1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    loop = SimpleNamespace(_batches_that_stepped=0, _broadcast_sigterm_tensor=None)
+    connector = SimpleNamespace(_sigterm_notifier_fn=None, received_sigterm=False)
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=loop), _signal_connector=connector, global_rank=rank,
+                              strategy=SimpleNamespace(launcher=None, root_device=torch.device("cpu")))
+    sync = SigtermSync(trainer, every=3)
+    assert sync.install() and loop._broadcast_sigterm_tensor == sync.check
+    all_reduce, calls = dist.all_reduce, []
+    dist.all_reduce = lambda *a, **k: (calls.append(loop._batches_that_stepped), all_reduce(*a, **k))[1]
+    stopped_at = None
+    for step in range(12):
+        loop._batches_that_stepped = step
+        for batch in range(2):
+            if rank == 0 and step == 4 and batch == 1:
+                connector._sigterm_notifier_fn(15, None)  # what the registered signal handler calls
+            try:
+                loop._broadcast_sigterm_tensor()
+            except SIGTERMException:
+                stopped_at = step
+                break
+        if stopped_at is not None:
+            break
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
+        {"stopped_at": stopped_at, "checked_at": calls, "received_sigterm": connector.received_sigterm}))
+    dist.destroy_process_group()
 
 
-def test_installed_lightning_has_the_per_batch_sigterm_check():
-    """The throttle targets this method; if a Lightning upgrade renames it, this fails instead of a silent no-op."""
-    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+@pytest.mark.slow
+def test_sigterm_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
+    """SigtermSync: one all-reduce every 3 optimizer steps (not every batch), and a signal that only rank 0 got stops
+    both ranks at the same step, with no collective left unpaired (a mismatch would hang here)."""
+    import torch.multiprocessing as mp
 
-    assert callable(getattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor", None))
+    mp.spawn(_sigterm_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result == {"stopped_at": 6, "checked_at": [0, 3, 6], "received_sigterm": True}
 
 
-def test_ddp_broadcasts_buffers_only_when_they_are_state():
-    """olm's buffers (RoPE tables) are non-persistent constants: DDP need not broadcast them before every forward."""
+def test_installed_lightning_has_what_sigterm_sync_replaces():
+    """SigtermSync replaces these; if a Lightning upgrade renames them, this fails instead of a silent no-op."""
+    import lightning as L
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    assert callable(getattr(trainer.fit_loop.epoch_loop, "_broadcast_sigterm_tensor", None))
+    assert isinstance(trainer.fit_loop.epoch_loop._batches_that_stepped, int)
+    assert callable(getattr(trainer._signal_connector, "_sigterm_notifier_fn", None))
+
+
+def test_ddp_syncs_buffers_only_when_they_are_state(monkeypatch):
+    """olm's buffers (RoPE tables) are non-persistent constants: DDP need not broadcast them before every forward;
+    persistent buffers (BatchNorm statistics) and an explicit setting keep DDP's behaviour."""
+    import lightning.pytorch.strategies.ddp as lightning_ddp
     import torch
 
     import olm
-    from olm.train.strategies import has_state_buffers
+    from olm.train.strategies import OlmDDPStrategy, has_state_buffers
 
     model = olm.build_model({"name": "lm", "vocab_size": 32, "embed_dim": 16, "num_heads": 2, "num_layers": 1,
                              "max_seq_len": 8})
-    assert len(list(model.buffers())) > 0 and not has_state_buffers(model)
-    assert has_state_buffers(torch.nn.Sequential(model, torch.nn.BatchNorm1d(4)))
+    with_state = torch.nn.Sequential(model, torch.nn.BatchNorm1d(4))
+    assert len(list(model.buffers())) > 0 and not has_state_buffers(model) and has_state_buffers(with_state)
+
+    seen = []
+    monkeypatch.setattr(lightning_ddp, "DistributedDataParallel", lambda module, device_ids=None, **kw: seen.append(kw))
+    strategy = OlmDDPStrategy(parallel_devices=[torch.device("cpu")] * 2)
+    strategy._setup_model(model)
+    assert len(seen[-1]) == 1 and list(seen[-1].values()) == [False]  # forward_sync_buffers (torch >= 2.13) or broadcast_buffers
+    strategy._setup_model(with_state)
+    assert seen[-1] == {} and strategy._ddp_kwargs == {}  # the choice made for one model does not stick
+    explicit = OlmDDPStrategy(parallel_devices=[torch.device("cpu")] * 2, broadcast_buffers=True)
+    explicit._setup_model(model)
+    assert seen[-1] == {"broadcast_buffers": True}
 
 
 @pytest.mark.slow
 def test_ddp_step_issues_only_the_gradient_all_reduce():
     """Two gloo processes through the Lightning path (benchmarks/profile_step.py): between logging steps a training
-    step issues one collective, the gradient all-reduce; no buffer broadcast, no SIGTERM broadcast."""
+    step issues only the gradient all-reduce (one bucket here); no buffer broadcast, no SIGTERM broadcast."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
@@ -182,3 +228,36 @@ def test_ddp_step_issues_only_the_gradient_all_reduce():
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
     assert result["world_size"] == 2
     assert result["collectives_per_step"] == {"c10d::allreduce_": 1.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["ddp_cpu", "cpu"])
+def test_sigterm_to_rank_0_stops_the_ddp_job_at_once(trainer, tmp_path):
+    """olm-train with 2 gloo ranks (or one process): a SIGTERM to rank 0 alone (as `kill` would send it) stops every
+    rank within seconds, with exit 143, a one-line error and summary.json saying interrupted; nothing is left."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*OLM_TRAIN, *TINY, f"paths.cache_dir={tmp_path / 'cache'}", f"trainer={trainer}", "trainer.max_steps=100000",
+         "trainer.val_check_interval=5", "trainer.log_every_n_steps=5", "logger=csv", f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "checkpoints" / "last.ckpt").exists():  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "error: stopped by SIGTERM" in stderr.strip().splitlines()[-1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary == {"status": "interrupted", "error": "stopped by SIGTERM"}
+    left = subprocess.run(["pgrep", "-f", f"hydra.run.dir={run_dir}"], capture_output=True, text=True).stdout
+    assert not left.strip(), f"ranks left running: {left}"

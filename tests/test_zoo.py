@@ -97,6 +97,17 @@ def test_gpt2_small_preset_with_padded_vocab_exports_real_vocab(tmp_path):
     torch.testing.assert_close(back(x), model(x)[..., :100])
 
 
+@pytest.mark.parametrize("preset, keys", [("gpt2_tiny", ["attn_pdrop", "resid_pdrop", "embd_pdrop"]),
+                                          ("opt_tiny", ["dropout", "attention_dropout"])])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_export_writes_olms_dropout_not_the_family_default(preset, keys, dropout, tmp_path):
+    """GPT2Config and OPTConfig default to 0.1 dropout; an exported olm model trains in transformers with its own."""
+    model = olm.build_model({**preset_config(preset), "dropout": dropout})
+    to_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert [config[k] for k in keys] == [dropout] * len(keys)
+
+
 def test_moe_aux_loss_matches_mixtral():
     hf = tiny_hf("mixtral", num_hidden_layers=1, output_router_logits=True)
     model = from_hf(hf).eval()

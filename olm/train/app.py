@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -378,14 +379,18 @@ def one_line_error(exc: BaseException) -> tuple[int, str] | None:
     """(exit code, message) for failures olm reports as ``error: <one line>``, None for everything else.
 
     Exit 2: a mistake in the input (config keys and values, data, checkpoint files). Exit 1: a fault of the run
-    (NaN/inf loss, a checkpoint that cannot be written, a dead rank, a full disk). Anything else is a bug in olm or
-    below it and keeps its traceback (as does everything with OLM_FULL_ERROR=1 or HYDRA_FULL_ERROR=1).
+    (NaN/inf loss, a checkpoint that cannot be written, a dead rank, a full disk). Exit 143 (128 + SIGTERM): the run
+    was stopped by SIGTERM (e.g. a SLURM preemption; Lightning stops all ranks at the same step). Anything else is a
+    bug in olm or below it and keeps its traceback (as does everything with OLM_FULL_ERROR=1 or HYDRA_FULL_ERROR=1).
     """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
     from omegaconf.errors import OmegaConfBaseException
 
     def first(text: str) -> str:
         return (text.strip().splitlines() or [type(exc).__name__])[0]
 
+    if isinstance(exc, SIGTERMException):  # a SystemExit: without this the run would end with status 0
+        return 128 + int(signal.SIGTERM), "stopped by SIGTERM before max_steps; resume=auto continues from the last checkpoint"
     if os.environ.get("OLM_FULL_ERROR") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
         return None
     if isinstance(exc, ConfigError):
@@ -428,8 +433,10 @@ def _write_failed_summary(cfg: DictConfig, exc: BaseException) -> None:
         run_dir = Path(cfg.paths.output_dir)
         if not run_dir.is_dir() or (run_dir / "summary.json").exists():
             return
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        error = (str(exc).splitlines() or [type(exc).__name__])[0]
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SIGTERMException)) else "failed"
+        error = "stopped by SIGTERM" if isinstance(exc, SIGTERMException) else (str(exc).splitlines() or [type(exc).__name__])[0]
         (run_dir / "summary.json").write_text(json.dumps({"status": status, "error": error}, indent=2) + "\n")
     except Exception:  # e.g. the disk is full: the error itself still reaches stderr
         return

@@ -12,7 +12,7 @@ their ranks from the environment.
 
 from __future__ import annotations
 
-import itertools
+import inspect
 import logging
 import os
 import re
@@ -156,60 +156,108 @@ class HydraJobLauncher(_SubprocessScriptLauncher):
             self.procs.append(subprocess.Popen(command, env=child_env))
 
 
-def throttle_sigterm_check(loop, every: int) -> bool:
-    """Make Lightning's per-batch SIGTERM check of a multi-process run happen every ``every`` batches.
+class SigtermSync:
+    """SIGTERM in a multi-process run: every rank stops at the same training batch, with no host sync per step.
 
-    Lightning (2.6) broadcasts rank 0's "received SIGTERM" flag at the start of every training batch and reads it on
-    the host: a device sync per step, which leaves the GPUs idle while the host queues the next step. Checked every
-    ``every`` batches (olm passes the logging interval, whose steps sync anyway), a SIGTERM still stops all ranks
-    together, at most ``every`` batches later. Every rank counts the same batches, so the collectives stay paired.
-    Returns False when the loop has no such check (other Lightning versions): nothing is changed then.
+    Lightning (2.6) broadcasts rank 0's "received SIGTERM" flag and reads it on the host at the start of every
+    training batch (a device sync per step: the GPUs then wait while the host queues the next step), and its signal
+    handler issues a broadcast of its own, which a rank without the signal pairs with whatever collective it runs
+    next. Installed by olm's strategies, instead:
+
+    - the handler only records the signal on this rank (and forwards it to the child ranks olm started);
+    - every ``every`` optimizer steps (olm passes the logging interval, whose steps sync anyway), at the first batch
+      of the step, all ranks all-reduce their flags (max); if any rank got the signal, all of them raise Lightning's
+      SIGTERMException at that same batch.
+
+    Every rank decides from the same step counter, so the collectives stay paired; a signal stops the run at most
+    ``every`` steps later (validation in progress first finishes).
     """
-    check = getattr(loop, "_broadcast_sigterm_tensor", None)
-    if check is None or every <= 1:
-        return False
-    batches = itertools.count()
 
-    def every_nth_batch() -> None:
-        if next(batches) % every == 0:
-            check()
+    def __init__(self, trainer, every: int):
+        self.trainer, self.every = trainer, max(1, int(every))
+        self.signalled = False
+        self._last_checked: int | None = None
 
-    loop._broadcast_sigterm_tensor = every_nth_batch
-    return True
+    def install(self) -> bool:
+        """Replace Lightning's per-batch check and its SIGTERM notifier (registered after the strategy's setup).
+        False when this Lightning has neither (other versions): nothing is changed then."""
+        loop, connector = self.trainer.fit_loop.epoch_loop, self.trainer._signal_connector
+        if not hasattr(loop, "_broadcast_sigterm_tensor") or not hasattr(connector, "_sigterm_notifier_fn"):
+            return False
+        loop._broadcast_sigterm_tensor = self.check
+        connector._sigterm_notifier_fn = self.notify
+        return True
+
+    def notify(self, signum, frame=None) -> None:
+        log.info("rank %d received signal %d; all ranks stop at the next check", self.trainer.global_rank, signum)
+        if not self.signalled:
+            launcher = self.trainer.strategy.launcher
+            if launcher is not None:
+                launcher.kill(signum)  # the child ranks this process started, if any
+        self.signalled = True
+
+    def check(self) -> None:
+        import torch.distributed as dist
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # optimizer steps done: the same on every rank
+        if step % self.every or step == self._last_checked:
+            return
+        self._last_checked = step
+        flag = torch.tensor([1.0 if self.signalled else 0.0], device=self.trainer.strategy.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            self.trainer._signal_connector.received_sigterm = True
+            raise SIGTERMException()
 
 
 def has_state_buffers(module: torch.nn.Module) -> bool:
     """Whether any buffer of ``module`` is persistent (saved in the state dict, e.g. BatchNorm's running statistics).
-    olm's own buffers (RoPE tables, ALiBi slopes) are non-persistent constants computed from the config."""
-    return any(name not in m._non_persistent_buffers_set for m in module.modules() for name in m._buffers)
+    olm's own buffers (RoPE tables, ALiBi slopes) are non-persistent constants computed from the config; a registered
+    component that changes a buffer during training must make it persistent to have it synchronised by DDP."""
+    return any(
+        buffer is not None and name not in m._non_persistent_buffers_set
+        for m in module.modules() for name, buffer in m._buffers.items()
+    )
 
 
 class _OlmStrategy:
-    """What olm's DDP and FSDP strategies add to Lightning's: their own launcher for the child ranks, and the SIGTERM
-    check at logging steps only."""
+    """What olm's DDP and FSDP strategies add to Lightning's: their own launcher for the child ranks, and SIGTERM
+    handling without a host sync per step (SigtermSync)."""
 
     def _configure_launcher(self) -> None:
         if not self.cluster_environment.creates_processes_externally:
             self._launcher = HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
     def setup(self, trainer) -> None:
+        from lightning.pytorch.trainer.states import TrainerFn
+
         super().setup(trainer)
-        if trainer.world_size > 1:
-            throttle_sigterm_check(trainer.fit_loop.epoch_loop, trainer.log_every_n_steps)
+        if trainer.world_size > 1 and trainer.state.fn == TrainerFn.FITTING:
+            SigtermSync(trainer, trainer.log_every_n_steps).install()
 
 
 class OlmDDPStrategy(_OlmStrategy, DDPStrategy):
     """DDPStrategy whose children are single Hydra jobs (see module docstring).
 
-    Buffers are broadcast from rank 0 before each forward (DDP's ``broadcast_buffers``) only when the model has
-    persistent ones: olm's buffers are constants, equal on every rank, and the broadcast would be a collective per
-    step for nothing. ``trainer.strategy.broadcast_buffers`` set explicitly wins.
+    Buffers are synchronised from rank 0 before each forward only when the model has persistent ones: olm's buffers
+    are constants, equal on every rank, and the broadcast would be a collective per step for nothing. DDP still
+    synchronises them once at construction. ``trainer.strategy.broadcast_buffers`` (or ``forward_sync_buffers``, its
+    newer name) set explicitly wins.
     """
 
     def _setup_model(self, model):
-        if "broadcast_buffers" not in self._ddp_kwargs and not has_state_buffers(model):
-            self._ddp_kwargs["broadcast_buffers"] = False
-        return super()._setup_model(model)
+        from torch.nn.parallel import DistributedDataParallel
+
+        if {"broadcast_buffers", "forward_sync_buffers"} & set(self._ddp_kwargs) or has_state_buffers(model):
+            return super()._setup_model(model)
+        newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        user_kwargs = self._ddp_kwargs
+        self._ddp_kwargs = {**user_kwargs, ("forward_sync_buffers" if newer else "broadcast_buffers"): False}
+        try:
+            return super()._setup_model(model)
+        finally:
+            self._ddp_kwargs = user_kwargs  # the choice is per model, not a setting
 
 
 class OlmFSDPStrategy(_OlmStrategy, FSDPStrategy):
@@ -250,8 +298,10 @@ _DIST_ERROR = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pi
 def rank_failure(trainer, exc: BaseException) -> RankFailure | None:
     """A one-line RankFailure when ``exc`` ended a multi-process job because another rank died or stopped
     answering, else None (olm errors and single-process runs keep their own message)."""
-    if trainer is None or isinstance(exc, OlmError) or trainer.world_size <= 1:
-        return None
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if trainer is None or isinstance(exc, (OlmError, SIGTERMException)) or trainer.world_size <= 1:
+        return None  # SIGTERM: all ranks stopped together on purpose, the children exit the same way
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(" This is typically")[0]  # gloo's "[file.cc:537] ..."
     launcher = getattr(trainer.strategy, "launcher", None)

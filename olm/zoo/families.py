@@ -292,7 +292,7 @@ def _facts(model) -> dict:
         tie_word_embeddings=model.head.linear.weight is model.embedding.token.weight,
         norm=type(norm).component_name, eps=norm.eps, ffn=ffn_kind, position=position,
         windows=[b.attention.window for b in model.blocks], attn_bias=attn.qkv.bias is not None,
-        out_bias=attn.proj.bias is not None, post_norms=first.post_norms, attention=attn,
+        out_bias=attn.proj.bias is not None, post_norms=first.post_norms, attention=attn, dropout=attn.dropout,
     )
 
 
@@ -425,6 +425,8 @@ def gpt2_to_hf(model) -> dict:
         "n_head": f["num_attention_heads"], "n_positions": f["max_position_embeddings"], "n_inner": f["intermediate_size"],
         "activation_function": activation, "layer_norm_epsilon": f["eps"], "tie_word_embeddings": f["tie_word_embeddings"],
         "scale_attn_weights": f["attention"].scale == f["head_dim"] ** -0.5,
+        # olm's dropout, not GPT2Config's default of 0.1
+        "attn_pdrop": f["dropout"], "resid_pdrop": f["dropout"], "embd_pdrop": f["dropout"],
     }
 
 
@@ -438,6 +440,7 @@ def opt_to_hf(model) -> dict:
         "max_position_embeddings": f["max_position_embeddings"], "do_layer_norm_before": True,
         "activation_function": model.blocks[0].ffn.config["activation"], "word_embed_proj_dim": f["hidden_size"],
         "tie_word_embeddings": f["tie_word_embeddings"], "enable_bias": True,
+        "dropout": f["dropout"], "attention_dropout": f["dropout"],  # olm's, not OPTConfig's default of 0.1
     }
 
 
