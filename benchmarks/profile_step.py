@@ -7,8 +7,8 @@ of an olm preset, after warm-up, grouped into kernel families.
     python benchmarks/profile_step.py --path lightning --devices 2 --strategy ddp --preset gpt2_small --compile
 
 ``--path lightning`` profiles the same steps as olm-train runs them: olm's module in the Lightning Trainer, on
-``--devices`` GPUs with ``--strategy``. Prints the share of GPU time per family (matmul, attention, fused/elementwise, cross-entropy, optimizer,
-communication, other), the 25 most expensive kernels, and the GPU-busy fraction of the wall time (the union of
+``--devices`` GPUs with ``--strategy``. Prints the share of GPU time per family (matmul, attention,
+fused/elementwise, cross-entropy, optimizer, communication, other), the 25 most expensive kernels, and the GPU-busy fraction of the wall time (the union of
 kernel intervals: idle gaps mean the host is not keeping up). Under torchrun the model is wrapped in
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs) and rank 0's step is profiled, so gradient communication shows
 up in its own family, ``collectives_per_step`` counts the c10d operators each step issues, and
@@ -69,8 +69,7 @@ def profile_plain(model_cfg, args, activities, world_size: int, rank: int):
     module = throughput.make_module(model_cfg, args, args.compile).to(args.device)
     module.configure_model()
     optimizer = module.configure_optimizers()["optimizer"]
-    batches = [(x.to(args.device), y.to(args.device)) for x, y in
-               throughput.synthetic_batches(2, args.batch_size, args.seq_len, model_cfg["vocab_size"], seed=rank)]
+    batches = throughput.device_batches(args.batch_size, model_cfg["vocab_size"], args, n=2, seed=rank)
     loss_of = module.loss
     if world_size > 1:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks

@@ -100,8 +100,8 @@ def training_step(module, loss_of, optimizer, batches, device: str):
     return step
 
 
-def device_batches(batch_size: int, vocab_size: int, args) -> list:
-    batches = synthetic_batches(4, batch_size, args.seq_len, vocab_size)
+def device_batches(batch_size: int, vocab_size: int, args, n: int = 4, seed: int = 0) -> list:
+    batches = synthetic_batches(n, batch_size, args.seq_len, vocab_size, seed=seed)
     return [(x.to(args.device), y.to(args.device)) for x, y in batches]
 
 
@@ -150,12 +150,11 @@ def hf_loop(model_cfg, batch_size, args) -> dict:
     embeddings, as olm), bf16 autocast, clipping; with --compile, forward and loss compiled as one function."""
     import torch.nn.functional as F
 
+    from olm.train.module import parameter_groups
+
     model = hf_model(model_cfg).to(args.device)
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=6e-4, betas=(0.9, 0.95), fused=args.device == "cuda" or None)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95),
+                                  fused=args.device == "cuda" or None)
 
     def loss_of(x, y):
         logits = model(input_ids=x).logits

@@ -101,6 +101,25 @@ class NonFiniteLossError(OlmError, RuntimeError):
     """Training produced a NaN/inf loss; the message names the step and the last good checkpoint."""
 
 
+def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = False,
+                     decay_norms_and_biases: bool = False) -> list[dict[str, Any]]:
+    """AdamW groups of ``model``'s trainable parameters (each once, also when tied): weight decay on matrices; on
+    embedding tables and on vectors (norms, biases) only when asked."""
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in embedding_params:
+            (decay if decay_embeddings else no_decay).append(p)
+        elif p.ndim >= 2:
+            decay.append(p)
+        else:
+            (decay if decay_norms_and_biases else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 class LMModule(L.LightningModule):
     """Wraps an olm model built from ``model_cfg``; the loop knows nothing of the model's internals.
 
@@ -336,24 +355,11 @@ class LMModule(L.LightningModule):
     # -- optimizer -----------------------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Weight decay on matrices only; embeddings, norms and biases are configurable (off by default)."""
-        decay_embeddings = self.optim_cfg.get("decay_embeddings", False)
-        decay_others = self.optim_cfg.get("decay_norms_and_biases", False)
-        embedding_params = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)}
-        decay, no_decay, seen = [], [], set()
-        for _, p in self.model.named_parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if id(p) in embedding_params:
-                (decay if decay_embeddings else no_decay).append(p)
-            elif p.ndim >= 2:
-                decay.append(p)
-            else:
-                (decay if decay_others else no_decay).append(p)
-        return [
-            {"params": decay, "weight_decay": float(self.optim_cfg.get("weight_decay", 0.1))},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        return parameter_groups(
+            self.model, float(self.optim_cfg.get("weight_decay", 0.1)),
+            decay_embeddings=self.optim_cfg.get("decay_embeddings", False),
+            decay_norms_and_biases=self.optim_cfg.get("decay_norms_and_biases", False),
+        )
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
