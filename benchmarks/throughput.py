@@ -15,11 +15,19 @@ H100/H200 SXM).
 The ``hf`` path builds the transformers model that olm exports the preset to (GPT2LMHeadModel for gpt2_small,
 LlamaForCausalLM for llama_small; SDPA attention, the preset's padded vocabulary), compiles its forward and the
 cross-entropy as one function like olm's default, and steps it in the plain loop (needs the ``hf`` extra).
+
+The ``nanogpt`` path loads ``model.py`` from a nanoGPT checkout (``--nanogpt-dir``; nanoGPT is not part of olm) and
+builds its GPT in the preset's GPT-2 shape: its own optimizer groups, its forward's loss, ``torch.compile`` of the
+whole model as nanoGPT's train.py does, in the same plain loop. nanoGPT's MLP uses the exact (erf) GELU where olm's
+GPT-2 presets use the tanh form, as GPT-2 did; both are one fused elementwise kernel.
+
+    python benchmarks/throughput.py --presets gpt2_small --paths plain lightning nanogpt --nanogpt-dir ../nanoGPT --compile
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -114,7 +122,7 @@ def time_steps(step, args) -> tuple[float, torch.Tensor]:
     for i in range(args.steps):
         loss = step(i)
     sync(args.device)
-    return time.perf_counter() - start, loss
+    return time.perf_counter() - start, loss.detach()
 
 
 def plain_loop(model_cfg, batch_size, args) -> dict:
@@ -167,6 +175,43 @@ def hf_loop(model_cfg, batch_size, args) -> dict:
     seconds, loss = time_steps(training_step(model, loss_of, optimizer, batches, args.device), args)
     return {"seconds": seconds, "final_loss": float(loss), "module": None,
             "params": sum(p.numel() for p in model.parameters())}
+
+
+def nanogpt_loop(model_cfg, batch_size, args) -> dict:
+    """nanoGPT's GPT (``model.py`` of a nanoGPT checkout, --nanogpt-dir) of the preset's GPT-2 shape, stepped as
+    nanoGPT's train.py does: its own AdamW groups (fused on GPU), the loss its forward returns, ``torch.compile`` of
+    the whole model, bf16 autocast and clipping in the same plain loop."""
+    import importlib.util
+
+    import olm
+    from olm.zoo.families import infer_family
+
+    source = Path(args.nanogpt_dir) / "model.py"
+    if not source.is_file():
+        raise SystemExit(f"--nanogpt-dir: {source} not found; pass the directory of a nanoGPT checkout")
+    with torch.device("meta"):
+        olm_model = olm.build_model(model_cfg)
+    if infer_family(olm_model).model_type != "gpt2":
+        raise SystemExit(f"--paths nanogpt: nanoGPT builds GPT-2 shapes only; {model_cfg['name']!r} "
+                         f"is a {infer_family(olm_model).model_type} model")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", source)
+    nanogpt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nanogpt)
+    config = nanogpt.GPTConfig(block_size=model_cfg["max_seq_len"], vocab_size=olm_model.embedding.token.num_embeddings,
+                               n_layer=model_cfg["num_layers"], n_head=model_cfg["num_heads"],
+                               n_embd=model_cfg["embed_dim"], dropout=0.0, bias=bool(model_cfg["bias"]))
+    model = nanogpt.GPT(config).to(args.device)
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), args.device)
+    forward = torch.compile(model) if args.compile else model
+
+    def loss_of(x, y):
+        return forward(x, y)[1]
+
+    batches = device_batches(batch_size, model_cfg["vocab_size"], args)
+    model.train()
+    seconds, loss = time_steps(training_step(model, loss_of, optimizer, batches, args.device), args)
+    return {"seconds": seconds, "final_loss": float(loss), "module": None,
+            "params": sum(p.numel() for p in model.parameters()), "reference_config": dataclasses.asdict(config)}
 
 
 class _StepTimer:
@@ -231,7 +276,8 @@ def run_case(preset: str, batch_size: int, path: str, args) -> dict:
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    result = {"plain": plain_loop, "lightning": lightning_loop, "hf": hf_loop}[path](model_cfg, batch_size, args)
+    result = {"plain": plain_loop, "lightning": lightning_loop, "hf": hf_loop,
+              "nanogpt": nanogpt_loop}[path](model_cfg, batch_size, args)
     module = result.pop("module")
     world_size = result.get("world_size", 1)
     tokens_per_sec = world_size * args.steps * batch_size * args.seq_len / result["seconds"]
@@ -256,6 +302,8 @@ def run_case(preset: str, batch_size: int, path: str, args) -> dict:
         "ddp_options": " ".join(args.ddp_options) if world_size > 1 else None,
         "flops_per_token": fpt,
     }
+    if "reference_config" in result:
+        row["reference_config"] = result["reference_config"]
     del module
     return row
 
@@ -276,8 +324,10 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["gpt2_small"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32])
-    parser.add_argument("--paths", nargs="+", default=["plain", "lightning"], choices=["plain", "lightning", "hf"],
-                        help="hf: transformers' model of the same shape, as a same-card reference")
+    parser.add_argument("--paths", nargs="+", default=["plain", "lightning"], choices=["plain", "lightning", "hf", "nanogpt"],
+                        help="hf: transformers' model of the same shape; nanogpt: nanoGPT's model (GPT-2 presets, "
+                             "needs --nanogpt-dir); both as same-card references")
+    parser.add_argument("--nanogpt-dir", default=None, help="a nanoGPT checkout (its model.py) for --paths nanogpt")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--vocab-size", type=int, default=50257, help="padded by the preset (GPT-2: to 50304)")
     parser.add_argument("--steps", type=int, default=30)
@@ -302,9 +352,12 @@ def main(argv=None) -> list[dict]:
                 "--attention-backend": args.attention_backend != "auto", "--compile-mode": args.compile_mode != "default",
                 "--compile-scope": args.compile_scope != "model", "--compile-options": bool(args.compile_options),
                 "--devices": args.devices > 1, "--strategy": args.strategy != "auto"}
-    if "hf" in args.paths and any(olm_only.values()):
-        parser.error(f"--paths hf times transformers' model as it is; {', '.join(k for k, v in olm_only.items() if v)} "
-                     "apply to olm's paths only: time hf in a run without them")
+    references = [p for p in args.paths if p in ("hf", "nanogpt")]
+    if references and any(olm_only.values()):
+        parser.error(f"--paths {' '.join(references)} times the reference model as it is; "
+                     f"{', '.join(k for k, v in olm_only.items() if v)} apply to olm's paths only: time it in a run without them")
+    if ("nanogpt" in args.paths) != (args.nanogpt_dir is not None):
+        parser.error("--paths nanogpt and --nanogpt-dir go together: nanoGPT is not part of olm, point to a checkout")
     torch.set_float32_matmul_precision("high")
 
     rows = []

@@ -54,6 +54,57 @@ def test_throughput_hf_reference_has_the_same_shape(preset, hf_class):
             throughput.main(["--device", "cpu", "--presets", preset, "--paths", "hf", *olm_only])
 
 
+NANOGPT_STAND_IN = """
+import dataclasses, torch
+
+@dataclasses.dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+class GPT(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.wte = torch.nn.Embedding(config.vocab_size, config.n_embd)
+
+    def forward(self, idx, targets=None):
+        logits = self.wte(idx) @ self.wte.weight.T
+        return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay)
+"""
+
+
+def test_throughput_nanogpt_reference_gets_the_preset_shape(tmp_path):
+    """--paths nanogpt loads model.py from the given checkout and builds its GPT in the preset's GPT-2 shape
+    (padded vocabulary, the preset's bias, no dropout); a stand-in with nanoGPT's interface records the config."""
+    import throughput
+
+    (tmp_path / "model.py").write_text(NANOGPT_STAND_IN)
+    overrides = ["model.num_layers=3", "model.embed_dim=64", "model.num_heads=4"]
+    cfg = throughput.model_config("gpt2_small", 250, 32, overrides)
+    rows = throughput.main(["--device", "cpu", "--presets", "gpt2_small", "--paths", "nanogpt", "--nanogpt-dir",
+                            str(tmp_path), "--batch-sizes", "2", "--steps", "1", "--warmup", "1", "--seq-len", "32",
+                            "--vocab-size", "250", "--override", *overrides])
+    assert [r["path"] for r in rows] == ["nanogpt"] and rows[0]["tokens_per_sec"] > 0
+    assert rows[0]["params"] == 256 * 64  # the stand-in's one table: nanoGPT's padded vocabulary x width
+    assert rows[0]["reference_config"] == {"block_size": cfg["max_seq_len"], "vocab_size": 256, "n_layer": 3,
+                                           "n_head": 4, "n_embd": 64, "dropout": 0.0, "bias": True}
+    with pytest.raises(SystemExit, match="GPT-2 shapes only"):
+        throughput.main(["--device", "cpu", "--presets", "llama_tiny", "--paths", "nanogpt", "--nanogpt-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):  # the path needs a checkout, and the checkout needs the path
+        throughput.main(["--device", "cpu", "--presets", "gpt2_tiny", "--paths", "nanogpt"])
+    with pytest.raises(SystemExit, match="not found"):
+        throughput.main(["--device", "cpu", "--presets", "gpt2_tiny", "--paths", "nanogpt", "--nanogpt-dir",
+                         str(tmp_path / "missing")])
+
+
 def test_profile_script_on_cpu(tmp_path):
     import profile_step
 

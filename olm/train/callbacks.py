@@ -1,4 +1,4 @@
-"""Training callbacks: throughput and MFU, atomic checkpoint files."""
+"""Training callbacks: throughput and MFU, atomic checkpoint files, a progress bar without per-step host syncs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from olm.registry import OlmError
 from olm.train.flops import flops_per_token, peak_flops
@@ -82,6 +82,19 @@ class ThroughputMonitor(L.Callback):
     def mfu(self) -> float | None:
         tps = self.tokens_per_sec
         return tps * self.flops_per_token / self.peak if tps and self.peak else None
+
+
+class LossProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, showing the module's ``last_train_loss``: the mean loss of the last logging interval,
+    a number read at the log step. Metrics logged with ``prog_bar=True`` would instead be converted from device
+    tensors with ``.item()`` at every batch, a host sync per training step."""
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        loss = getattr(pl_module, "last_train_loss", None)
+        if loss is not None:
+            items["loss"] = f"{loss:.4g}"
+        return items
 
 
 class CheckpointWriteError(OlmError, RuntimeError):

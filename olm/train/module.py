@@ -167,6 +167,7 @@ class LMModule(L.LightningModule):
         self._train_loss_sum = None  # device tensors: summed between log steps
         self._train_loss_count = 0
         self._grad_norm = None
+        self.last_train_loss: float | None = None  # mean training loss of the last logged interval (progress bar)
         self._val_sum = None
         self._val_count = None
         self.save_hyperparameters({"model": self.model_cfg, "optim": self.optim_cfg, "scheduler": self.scheduler_cfg})
@@ -294,7 +295,9 @@ class LMModule(L.LightningModule):
         if self._grad_norm is not None:
             metrics["train/grad_norm"] = self._grad_norm
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
-        self.log("loss", metrics["train/loss"], on_step=True, on_epoch=False, prog_bar=True, logger=False)
+        # For the progress bar, a number read once here (check_finite has just synced). A tensor logged with
+        # prog_bar=True would be converted by Lightning with .item() at every later batch: a host sync per step.
+        self.last_train_loss = float(mean_loss)
         self._train_loss_sum, self._train_loss_count = None, 0
 
     def check_finite(self, reduced_loss: torch.Tensor | None = None) -> None:
