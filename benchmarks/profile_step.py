@@ -11,7 +11,8 @@ of an olm preset, after warm-up, grouped into kernel families.
 fused/elementwise, cross-entropy, optimizer, communication, other), the 25 most expensive kernels, and the GPU-busy fraction of the wall time (the union of
 kernel intervals: idle gaps mean the host is not keeping up). Under torchrun the model is wrapped in
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs) and rank 0's step is profiled, so gradient communication shows
-up in its own family, ``collectives_per_step`` counts the c10d operators each step issues, and
+up in its own family, ``collectives_per_step`` counts the c10d operators each step issues, ``host_reads_per_step``
+the reads of a tensor's value by the host (``aten::item``: on a GPU each one waits for the queued work), and
 ``exposed_communication_ms_per_step`` is the time in which communication kernels run while
 no compute kernel does (what overlap with the backward did not hide). ``--out`` also writes a Chrome trace (open in
 chrome://tracing or Perfetto).
@@ -130,6 +131,15 @@ def profile_lightning(model_cfg, args, activities):
     return callback.prof, callback.wall_us, result["world_size"]
 
 
+def _in_optimizer(event) -> bool:
+    """Inside ``Optimizer.step`` (non-fused AdamW on the CPU reads its step counters; the fused one does not)."""
+    while event is not None:
+        if event.name.startswith("Optimizer.step"):
+            return True
+        event = event.cpu_parent
+    return False
+
+
 def summarize(prof, steps: int, wall_us: float, cuda: bool) -> dict:
     """Per-step GPU time by kernel family, the 25 most expensive kernels, busy time (union of kernel intervals) and
     exposed communication. On CPU: top-level operators instead of kernels."""
@@ -137,9 +147,12 @@ def summarize(prof, steps: int, wall_us: float, cuda: bool) -> dict:
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     spans: dict[bool, list[tuple[float, float]]] = {True: [], False: []}  # communication or not -> kernel intervals
     collectives: dict[str, int] = defaultdict(int)  # c10d operators issued per step, at any depth (GPU and CPU)
+    host_reads = 0
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith("c10d::"):
             collectives[event.name] += 1
+        if event.device_type == torch.autograd.DeviceType.CPU and event.name == "aten::item" and not _in_optimizer(event):
+            host_reads += 1
         if cuda and (event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False)):
             continue  # GPU kernels only; record_function ranges (e.g. "Optimizer.step") would count their kernels twice
         if not cuda and event.cpu_parent is not None:  # CPU: top-level ops only, so that time is not counted twice
@@ -156,6 +169,7 @@ def summarize(prof, steps: int, wall_us: float, cuda: bool) -> dict:
         "busy_ms_per_step": round(busy / steps / 1000, 2), "gpu_busy_fraction": round(busy / wall_us, 3),
         "exposed_communication_ms_per_step": round(exposed_comm / steps / 1000, 2),
         "collectives_per_step": {k: round(n / steps, 2) for k, n in sorted(collectives.items())},
+        "host_reads_per_step": round(host_reads / steps, 2),
         "families_ms_per_step": {k: round(v / steps / 1000, 2) for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
         "top_kernels": [
             {"name": name[:120], "ms_per_step": round(t / steps / 1000, 3), "calls_per_step": n // steps,

@@ -248,7 +248,9 @@ def lightning_loop(model_cfg, batch_size, args, callbacks=(), extra_steps: int =
     from olm.train.strategies import resolve_strategy
 
     rank = int(os.environ.get("LOCAL_RANK", 0))  # each DDP rank gets its own synthetic tokens
-    batches = synthetic_batches(args.warmup + args.steps, batch_size, args.seq_len, model_cfg["vocab_size"], seed=rank)
+    # one epoch holds every step, so that no new DataLoader iterator starts inside a timed or profiled window
+    batches = synthetic_batches(args.warmup + args.steps + extra_steps, batch_size, args.seq_len, model_cfg["vocab_size"],
+                                seed=rank)
     loader = DataLoader(batches, batch_size=None, pin_memory=args.device == "cuda")
     strategy = args.strategy
     if strategy == "ddp" and (args.gradient_compression != "none" or args.ddp_options):
