@@ -12,7 +12,8 @@ fused/elementwise, cross-entropy, optimizer, communication, other), the 25 most 
 kernel intervals: idle gaps mean the host is not keeping up). Under torchrun the model is wrapped in
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs) and rank 0's step is profiled, so gradient communication shows
 up in its own family, ``collectives_per_step`` counts the c10d operators each step issues, ``host_reads_per_step``
-the reads of a tensor's value by the host (``aten::item``: on a GPU each one waits for the queued work), and
+the reads of a tensor's value by the host (``aten::item``, which ``.item()``, ``float()`` and ``bool()`` of a tensor
+call: on a GPU each one waits for the queued work; other syncing operators such as ``nonzero`` are not counted), and
 ``exposed_communication_ms_per_step`` is the time in which communication kernels run while
 no compute kernel does (what overlap with the backward did not hide). ``--out`` also writes a Chrome trace (open in
 chrome://tracing or Perfetto).
@@ -131,10 +132,11 @@ def profile_lightning(model_cfg, args, activities):
     return callback.prof, callback.wall_us, result["world_size"]
 
 
-def _in_optimizer(event) -> bool:
-    """Inside ``Optimizer.step`` (non-fused AdamW on the CPU reads its step counters; the fused one does not)."""
+def _in_fused_adamw(event) -> bool:
+    """Inside the fused AdamW operator, whose CPU kernel reads its step counters (its CUDA kernel does not).
+    Lightning runs the whole training step inside ``Optimizer.step`` (the closure), so that range is no guide."""
     while event is not None:
-        if event.name.startswith("Optimizer.step"):
+        if event.name == "aten::_fused_adamw_":
             return True
         event = event.cpu_parent
     return False
@@ -151,7 +153,7 @@ def summarize(prof, steps: int, wall_us: float, cuda: bool) -> dict:
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith("c10d::"):
             collectives[event.name] += 1
-        if event.device_type == torch.autograd.DeviceType.CPU and event.name == "aten::item" and not _in_optimizer(event):
+        if event.device_type == torch.autograd.DeviceType.CPU and event.name == "aten::item" and not _in_fused_adamw(event):
             host_reads += 1
         if cuda and (event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False)):
             continue  # GPU kernels only; record_function ranges (e.g. "Optimizer.step") would count their kernels twice

@@ -60,7 +60,7 @@ def model_config(preset: str, vocab_size: int, seq_len: int, overrides: list[str
 def make_module(model_cfg: dict, args, compile: bool):
     from olm.train.module import LMModule
 
-    optim = {"lr": 6e-4, "weight_decay": 0.1, "betas": [0.9, 0.95], "fused": args.device == "cuda"}
+    optim = {"lr": 6e-4, "weight_decay": 0.1, "betas": [0.9, 0.95], "fused": True}  # fused AdamW on GPU and CPU
     return LMModule(model_cfg, optim, {"name": "cosine", "warmup_steps": 10}, max_steps=args.warmup + args.steps,
                     log_every_n_steps=args.log_every, compile=compile, fused_loss=args.fused_loss,
                     activation_checkpointing=args.activation_checkpointing, attention_backend=args.attention_backend,
@@ -177,23 +177,27 @@ def hf_loop(model_cfg, batch_size, args) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def nanogpt_shape_check(model_cfg: dict):
+    """The preset's model on the meta device, if nanoGPT can build its shape (GPT-2 family); else SystemExit."""
+    import olm
+    from olm.zoo.families import infer_family
+
+    with torch.device("meta"):
+        olm_model = olm.build_model(model_cfg)
+    family = infer_family(olm_model).model_type
+    if family != "gpt2":
+        raise SystemExit(f"--paths nanogpt: nanoGPT builds GPT-2 shapes only; {model_cfg['name']!r} is a {family} model")
+    return olm_model
+
+
 def nanogpt_loop(model_cfg, batch_size, args) -> dict:
     """nanoGPT's GPT (``model.py`` of a nanoGPT checkout, --nanogpt-dir) of the preset's GPT-2 shape, stepped as
     nanoGPT's train.py does: its own AdamW groups (fused on GPU), the loss its forward returns, ``torch.compile`` of
     the whole model, bf16 autocast and clipping in the same plain loop."""
     import importlib.util
 
-    import olm
-    from olm.zoo.families import infer_family
-
+    olm_model = nanogpt_shape_check(model_cfg)
     source = Path(args.nanogpt_dir) / "model.py"
-    if not source.is_file():
-        raise SystemExit(f"--nanogpt-dir: {source} not found; pass the directory of a nanoGPT checkout")
-    with torch.device("meta"):
-        olm_model = olm.build_model(model_cfg)
-    if infer_family(olm_model).model_type != "gpt2":
-        raise SystemExit(f"--paths nanogpt: nanoGPT builds GPT-2 shapes only; {model_cfg['name']!r} "
-                         f"is a {infer_family(olm_model).model_type} model")
     spec = importlib.util.spec_from_file_location("nanogpt_model", source)
     nanogpt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(nanogpt)
@@ -201,6 +205,10 @@ def nanogpt_loop(model_cfg, batch_size, args) -> dict:
                                n_layer=model_cfg["num_layers"], n_head=model_cfg["num_heads"],
                                n_embd=model_cfg["embed_dim"], dropout=0.0, bias=bool(model_cfg["bias"]))
     model = nanogpt.GPT(config).to(args.device)
+    count, expected = sum(p.numel() for p in model.parameters()), olm_model.num_parameters()
+    if count != expected:  # e.g. a fork whose GPTConfig defaults to other norms or activations
+        raise SystemExit(f"--nanogpt-dir: {source} built {count:,} parameters, not the {expected:,} of "
+                         f"{model_cfg['name']!r}'s GPT-2 shape; point to an unmodified nanoGPT checkout")
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), args.device)
     forward = torch.compile(model) if args.compile else model
 
@@ -360,6 +368,11 @@ def main(argv=None) -> list[dict]:
                      f"{', '.join(k for k, v in olm_only.items() if v)} apply to olm's paths only: time it in a run without them")
     if ("nanogpt" in args.paths) != (args.nanogpt_dir is not None):
         parser.error("--paths nanogpt and --nanogpt-dir go together: nanoGPT is not part of olm, point to a checkout")
+    if "nanogpt" in args.paths:  # before anything is timed
+        if not (Path(args.nanogpt_dir) / "model.py").is_file():
+            parser.error(f"--nanogpt-dir: {Path(args.nanogpt_dir) / 'model.py'} not found; pass the directory of a nanoGPT checkout")
+        for preset in args.presets:
+            nanogpt_shape_check(model_config(preset, args.vocab_size, args.seq_len, args.override))
     torch.set_float32_matmul_precision("high")
 
     rows = []

@@ -70,7 +70,10 @@ class GPTConfig:
 class GPT(torch.nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.wte = torch.nn.Embedding(config.vocab_size, config.n_embd)
+        V, T, C, L = config.vocab_size, config.block_size, config.n_embd, config.n_layer
+        self.wte = torch.nn.Embedding(V, C)
+        # the rest of GPT-2's parameters (positions, per block 12 C^2 + 13 C with biases, final norm) as one tensor
+        self.rest = torch.nn.Parameter(torch.zeros(T * C + L * (12 * C * C + 13 * C) + 2 * C))
 
     def forward(self, idx, targets=None):
         logits = self.wte(idx) @ self.wte.weight.T
@@ -81,10 +84,12 @@ class GPT(torch.nn.Module):
 """
 
 
-def test_throughput_nanogpt_reference_gets_the_preset_shape(tmp_path):
+def test_throughput_nanogpt_reference_gets_the_preset_shape(tmp_path, capsys):
     """--paths nanogpt loads model.py from the given checkout and builds its GPT in the preset's GPT-2 shape
     (padded vocabulary, the preset's bias, no dropout); a stand-in with nanoGPT's interface records the config."""
     import throughput
+
+    import olm
 
     (tmp_path / "model.py").write_text(NANOGPT_STAND_IN)
     overrides = ["model.num_layers=3", "model.embed_dim=64", "model.num_heads=4"]
@@ -93,16 +98,24 @@ def test_throughput_nanogpt_reference_gets_the_preset_shape(tmp_path):
                             str(tmp_path), "--batch-sizes", "2", "--steps", "1", "--warmup", "1", "--seq-len", "32",
                             "--vocab-size", "250", "--override", *overrides])
     assert [r["path"] for r in rows] == ["nanogpt"] and rows[0]["tokens_per_sec"] > 0
-    assert rows[0]["params"] == 256 * 64  # the stand-in's one table: nanoGPT's padded vocabulary x width
+    assert rows[0]["params"] == olm.build_model(cfg).num_parameters()  # checked by the loader
     assert rows[0]["reference_config"] == {"block_size": cfg["max_seq_len"], "vocab_size": 256, "n_layer": 3,
                                            "n_head": 4, "n_embd": 64, "dropout": 0.0, "bias": True}
-    with pytest.raises(SystemExit, match="GPT-2 shapes only"):
-        throughput.main(["--device", "cpu", "--presets", "llama_tiny", "--paths", "nanogpt", "--nanogpt-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="GPT-2 shapes only"):  # refused before gpt2_tiny is timed
+        throughput.main(["--device", "cpu", "--presets", "gpt2_tiny", "llama_tiny", "--paths", "nanogpt",
+                         "--nanogpt-dir", str(tmp_path)])
+    (tmp_path / "fork").mkdir()  # a model.py that builds another shape (e.g. other norms by default) is refused
+    (tmp_path / "fork" / "model.py").write_text(NANOGPT_STAND_IN.replace("+ 2 * C))", "+ 3 * C))"))
+    with pytest.raises(SystemExit, match="unmodified nanoGPT"):
+        throughput.main(["--device", "cpu", "--presets", "gpt2_small", "--paths", "nanogpt", "--nanogpt-dir",
+                         str(tmp_path / "fork"), "--batch-sizes", "2", "--steps", "1", "--warmup", "1", "--seq-len", "32",
+                         "--vocab-size", "250", "--override", *overrides])
     with pytest.raises(SystemExit):  # the path needs a checkout, and the checkout needs the path
         throughput.main(["--device", "cpu", "--presets", "gpt2_tiny", "--paths", "nanogpt"])
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(SystemExit):
         throughput.main(["--device", "cpu", "--presets", "gpt2_tiny", "--paths", "nanogpt", "--nanogpt-dir",
                          str(tmp_path / "missing")])
+    assert "missing/model.py not found" in capsys.readouterr().err
 
 
 def test_profile_script_on_cpu(tmp_path):

@@ -216,7 +216,7 @@ def train(cfg: DictConfig) -> float | None:
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from olm.train.callbacks import AtomicModelCheckpoint, LossProgressBar, ThroughputMonitor
+    from olm.train.callbacks import AtomicModelCheckpoint, ThroughputMonitor, loss_progress_bar
     from olm.train.module import LMModule
     from olm.train.strategies import HydraJobLauncher, RankFailure, cleanup_after_job, rank_failure, resolve_strategy
 
@@ -288,7 +288,7 @@ def train(cfg: DictConfig) -> float | None:
                 **trainer_cfg,
                 max_steps=max_steps,
                 logger=loggers,
-                callbacks=[throughput, checkpoint, *([LossProgressBar()] if trainer_cfg.get("enable_progress_bar", True) else [])],
+                callbacks=[throughput, checkpoint, *([loss_progress_bar()] if trainer_cfg.get("enable_progress_bar") is not False else [])],
                 default_root_dir=str(run_dir),
                 use_distributed_sampler=False,  # the datamodule shards windows itself (disjoint, resumable)
                 num_sanity_val_steps=0,

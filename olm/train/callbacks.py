@@ -8,7 +8,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from olm.registry import OlmError
 from olm.train.flops import flops_per_token, peak_flops
@@ -84,10 +85,10 @@ class ThroughputMonitor(L.Callback):
         return tps * self.flops_per_token / self.peak if tps and self.peak else None
 
 
-class LossProgressBar(TQDMProgressBar):
-    """Lightning's progress bar, showing the module's ``last_train_loss``: the mean loss of the last logging interval,
-    a number read at the log step. Metrics logged with ``prog_bar=True`` would instead be converted from device
-    tensors with ``.item()`` at every batch, a host sync per training step."""
+class _ShowsLastLoss:
+    """Adds the module's ``last_train_loss`` (the mean loss of the last logging interval, a number read at the log
+    step) to a progress bar's metrics. Metrics logged with ``prog_bar=True`` would instead be converted from device
+    tensors with ``.item()`` by Lightning at every batch, a host sync per training step."""
 
     def get_metrics(self, trainer, pl_module):
         items = super().get_metrics(trainer, pl_module)
@@ -95,6 +96,19 @@ class LossProgressBar(TQDMProgressBar):
         if loss is not None:
             items["loss"] = f"{loss:.4g}"
         return items
+
+
+class LossProgressBar(_ShowsLastLoss, TQDMProgressBar):
+    """Lightning's tqdm progress bar with the last logged training loss."""
+
+
+class RichLossProgressBar(_ShowsLastLoss, RichProgressBar):
+    """Lightning's rich progress bar with the last logged training loss."""
+
+
+def loss_progress_bar() -> TQDMProgressBar | RichProgressBar:
+    """The progress bar Lightning would pick by default (rich when installed, else tqdm), showing the loss."""
+    return RichLossProgressBar() if _RICH_AVAILABLE else LossProgressBar()
 
 
 class CheckpointWriteError(OlmError, RuntimeError):
