@@ -218,8 +218,8 @@ def nanogpt_loop(model_cfg, batch_size, args) -> dict:
     batches = device_batches(batch_size, model_cfg["vocab_size"], args)
     model.train()
     seconds, loss = time_steps(training_step(model, loss_of, optimizer, batches, args.device), args)
-    return {"seconds": seconds, "final_loss": float(loss), "module": None,
-            "params": sum(p.numel() for p in model.parameters()), "reference_config": dataclasses.asdict(config)}
+    return {"seconds": seconds, "final_loss": float(loss), "module": None, "params": count,
+            "reference_config": dataclasses.asdict(config)}
 
 
 class _StepTimer:

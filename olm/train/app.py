@@ -281,6 +281,7 @@ def train(cfg: DictConfig) -> float | None:
         trainer_cfg["val_check_interval"] = batches
 
     trainer_cfg = resolve_strategy(trainer_cfg)
+    progress_bar = [loss_progress_bar()] if trainer_cfg.get("enable_progress_bar") is not False else []  # None: Lightning's on
     trainer, failed = None, True
     try:
         try:
@@ -288,7 +289,7 @@ def train(cfg: DictConfig) -> float | None:
                 **trainer_cfg,
                 max_steps=max_steps,
                 logger=loggers,
-                callbacks=[throughput, checkpoint, *([loss_progress_bar()] if trainer_cfg.get("enable_progress_bar") is not False else [])],
+                callbacks=[throughput, checkpoint, *progress_bar],
                 default_root_dir=str(run_dir),
                 use_distributed_sampler=False,  # the datamodule shards windows itself (disjoint, resumable)
                 num_sanity_val_steps=0,
