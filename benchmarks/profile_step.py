@@ -3,14 +3,15 @@ of an olm preset, after warm-up, grouped into kernel families.
 
     python benchmarks/profile_step.py --preset gpt2_small --batch-size 32 --compile --out results/
     python benchmarks/profile_step.py --device cpu --preset lm_tiny --batch-size 2 --seq-len 32 --vocab-size 256
-    torchrun --nproc-per-node 4 benchmarks/profile_step.py --preset gpt2_small --compile   # DDP; rank 0 reports
+    torchrun --nproc-per-node 4 benchmarks/profile_step.py --preset gpt2_small --compile   # DDP; every rank reports
     python benchmarks/profile_step.py --path lightning --devices 2 --strategy ddp --preset gpt2_small --compile
 
 ``--path lightning`` profiles the same steps as olm-train runs them: olm's module in the Lightning Trainer, on
 ``--devices`` GPUs with ``--strategy``. Prints the share of GPU time per family (matmul, attention,
 fused/elementwise, cross-entropy, optimizer, communication, other), the 25 most expensive kernels, and the GPU-busy fraction of the wall time (the union of
 kernel intervals: idle gaps mean the host is not keeping up). Under torchrun the model is wrapped in
-DistributedDataParallel (NCCL on GPUs, gloo on CPUs) and rank 0's step is profiled, so gradient communication shows
+DistributedDataParallel (NCCL on GPUs, gloo on CPUs) and every rank profiles its steps (rank 0 in full, the others
+as one JSON line each, to compare which rank the others wait for), so gradient communication shows
 up in its own family, ``collectives_per_step`` counts the c10d operators each step issues, ``host_reads_per_step``
 the reads of a tensor's value by the host (``aten::item``, which ``.item()``, ``float()`` and ``bool()`` of a tensor
 call: on a GPU each one waits for the queued work; other syncing operators such as ``nonzero`` are not counted), and
@@ -108,7 +109,7 @@ def profile_plain(model_cfg, args, activities, world_size: int, rank: int):
 
 def profile_lightning(model_cfg, args, activities):
     """Profile ``args.steps`` steps of olm's LMModule in the Lightning Trainer (``--devices N --strategy ddp``:
-    Lightning starts the other ranks, each profiles its own steps, rank 0 reports)."""
+    Lightning starts the other ranks, each profiles its own steps and reports them)."""
     import lightning as L
     import throughput
 
@@ -126,6 +127,9 @@ def profile_lightning(model_cfg, args, activities):
                 throughput.sync(args.device)
                 self.wall_us = (time.perf_counter() - self.start) * 1e6
                 self.prof.__exit__(None, None, None)
+                if trainer.global_rank != 0:  # it exits after fit; rank 0 reports in main()
+                    report_rank(summarize(self.prof, args.steps, self.wall_us, args.device == "cuda"),
+                                trainer.global_rank, args)
 
     callback = ProfileSteps()
     result = throughput.lightning_loop(model_cfg, args.batch_size, args, callbacks=[callback], extra_steps=1)
@@ -181,6 +185,17 @@ def summarize(prof, steps: int, wall_us: float, cuda: bool) -> dict:
     }
 
 
+def report_rank(summary: dict, rank: int, args) -> None:
+    """One JSON line (and with --out profile_<preset>_rank<r>.json) for a rank other than 0. Comparing ranks shows
+    which one the others wait for: its communication kernels are short (they start when the peers are already
+    there), the waiting ranks' are long (an all-reduce kernel spins until every rank has joined)."""
+    line = {"rank": rank, **{k: v for k, v in summary.items() if k != "top_kernels"}}
+    print(json.dumps(line), flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"profile_{args.preset}_rank{rank}.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def main(argv=None) -> dict:
     import throughput
 
@@ -226,7 +241,7 @@ def main(argv=None) -> dict:
     else:
         prof, wall_us = profile_plain(model_cfg, args, activities, world_size, rank)
     result = {
-        "path": args.path, "world_size": world_size,
+        "path": args.path, "world_size": world_size, "rank": rank,
         "gradient_compression": args.gradient_compression if world_size > 1 else None,
         "ddp_options": " ".join(args.ddp_options) or None if world_size > 1 else None,
         "preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len, "compile": args.compile,
@@ -239,6 +254,7 @@ def main(argv=None) -> dict:
 
         dist.destroy_process_group()
         if rank != 0:
+            report_rank(result, rank, args)
             return result
     print(json.dumps({k: v for k, v in result.items() if k != "top_kernels"}), flush=True)
     print(f"{'ms/step':>8} {'calls':>5}  family            kernel")

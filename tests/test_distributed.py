@@ -227,10 +227,11 @@ def test_ddp_step_issues_only_the_gradient_all_reduce():
         capture_output=True, text=True, timeout=240, env=env, cwd=root,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
-    assert result["world_size"] == 2
-    assert result["collectives_per_step"] == {"c10d::allreduce_": 1.0}
-    assert result["host_reads_per_step"] == 0
+    results = {r["rank"]: r for r in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
+    assert sorted(results) == [0, 1] and results[0]["world_size"] == 2  # every rank reports its own steps
+    for result in results.values():
+        assert result["collectives_per_step"] == {"c10d::allreduce_": 1.0}
+        assert result["host_reads_per_step"] == 0
 
 
 @pytest.mark.slow
