@@ -128,7 +128,8 @@ def profile_lightning(model_cfg, args, activities):
                 self.wall_us = (time.perf_counter() - self.start) * 1e6
                 self.prof.__exit__(None, None, None)
                 if trainer.global_rank != 0:  # it exits after fit; rank 0 reports in main()
-                    report_rank(summarize(self.prof, args.steps, self.wall_us, args.device == "cuda"),
+                    summary = summarize(self.prof, args.steps, self.wall_us, args.device == "cuda")
+                    report_rank({**run_metadata(args, trainer.world_size, trainer.global_rank), **summary},
                                 trainer.global_rank, args)
 
     callback = ProfileSteps()
@@ -185,12 +186,22 @@ def summarize(prof, steps: int, wall_us: float, cuda: bool) -> dict:
     }
 
 
+def run_metadata(args, world_size: int, rank: int) -> dict:
+    return {
+        "path": args.path, "world_size": world_size, "rank": rank,
+        "gradient_compression": args.gradient_compression if world_size > 1 else None,
+        "ddp_options": " ".join(args.ddp_options) or None if world_size > 1 else None,
+        "preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len, "compile": args.compile,
+        "compile_mode": args.compile_mode, "compile_scope": args.compile_scope,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+    }
+
+
 def report_rank(summary: dict, rank: int, args) -> None:
     """One JSON line (and with --out profile_<preset>_rank<r>.json) for a rank other than 0. Comparing ranks shows
     which one the others wait for: its communication kernels are short (they start when the peers are already
     there), the waiting ranks' are long (an all-reduce kernel spins until every rank has joined)."""
-    line = {"rank": rank, **{k: v for k, v in summary.items() if k != "top_kernels"}}
-    print(json.dumps(line), flush=True)
+    print(json.dumps({k: v for k, v in summary.items() if k != "top_kernels"}), flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"profile_{args.preset}_rank{rank}.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -240,15 +251,7 @@ def main(argv=None) -> dict:
         prof, wall_us, world_size = profile_lightning(model_cfg, args, activities)  # ranks > 0 exit inside
     else:
         prof, wall_us = profile_plain(model_cfg, args, activities, world_size, rank)
-    result = {
-        "path": args.path, "world_size": world_size, "rank": rank,
-        "gradient_compression": args.gradient_compression if world_size > 1 else None,
-        "ddp_options": " ".join(args.ddp_options) or None if world_size > 1 else None,
-        "preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len, "compile": args.compile,
-        "compile_mode": args.compile_mode, "compile_scope": args.compile_scope,
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-        **summarize(prof, args.steps, wall_us, cuda),
-    }
+    result = {**run_metadata(args, world_size, rank), **summarize(prof, args.steps, wall_us, cuda)}
     if world_size > 1 and args.path == "plain":
         import torch.distributed as dist
 
@@ -256,10 +259,11 @@ def main(argv=None) -> dict:
         if rank != 0:
             report_rank(result, rank, args)
             return result
-    print(json.dumps({k: v for k, v in result.items() if k != "top_kernels"}), flush=True)
-    print(f"{'ms/step':>8} {'calls':>5}  family            kernel")
-    for k in result["top_kernels"]:
-        print(f"{k['ms_per_step']:8.3f} {k['calls_per_step']:5d}  {k['family']:<17} {k['name']}")
+    lines = [json.dumps({k: v for k, v in result.items() if k != "top_kernels"}),
+             f"{'ms/step':>8} {'calls':>5}  family            kernel"]
+    lines += [f"{k['ms_per_step']:8.3f} {k['calls_per_step']:5d}  {k['family']:<17} {k['name']}" for k in result["top_kernels"]]
+    sys.stdout.write("\n".join(lines) + "\n")  # one write, so that another rank's line does not split the table
+    sys.stdout.flush()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"profile_{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")

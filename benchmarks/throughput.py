@@ -177,8 +177,11 @@ def hf_loop(model_cfg, batch_size, args) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
-def nanogpt_shape_check(model_cfg: dict):
-    """The preset's model on the meta device, if nanoGPT can build its shape (GPT-2 family); else SystemExit."""
+def nanogpt_model(model_cfg: dict, nanogpt_dir: str, device):
+    """nanoGPT's GPT (``model.py`` of a nanoGPT checkout) in the preset's GPT-2 shape, and its config; SystemExit if
+    the preset is not a GPT-2 shape or the checkout builds another parameter count (``device="meta"`` to check)."""
+    import importlib.util
+
     import olm
     from olm.zoo.families import infer_family
 
@@ -187,28 +190,27 @@ def nanogpt_shape_check(model_cfg: dict):
     family = infer_family(olm_model).model_type
     if family != "gpt2":
         raise SystemExit(f"--paths nanogpt: nanoGPT builds GPT-2 shapes only; {model_cfg['name']!r} is a {family} model")
-    return olm_model
-
-
-def nanogpt_loop(model_cfg, batch_size, args) -> dict:
-    """nanoGPT's GPT (``model.py`` of a nanoGPT checkout, --nanogpt-dir) of the preset's GPT-2 shape, stepped as
-    nanoGPT's train.py does: its own AdamW groups (fused on GPU), the loss its forward returns, ``torch.compile`` of
-    the whole model, bf16 autocast and clipping in the same plain loop."""
-    import importlib.util
-
-    olm_model = nanogpt_shape_check(model_cfg)
-    source = Path(args.nanogpt_dir) / "model.py"
+    source = Path(nanogpt_dir) / "model.py"
     spec = importlib.util.spec_from_file_location("nanogpt_model", source)
     nanogpt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(nanogpt)
     config = nanogpt.GPTConfig(block_size=model_cfg["max_seq_len"], vocab_size=olm_model.embedding.token.num_embeddings,
                                n_layer=model_cfg["num_layers"], n_head=model_cfg["num_heads"],
                                n_embd=model_cfg["embed_dim"], dropout=0.0, bias=bool(model_cfg["bias"]))
-    model = nanogpt.GPT(config).to(args.device)
+    with torch.device(device):
+        model = nanogpt.GPT(config)
     count, expected = sum(p.numel() for p in model.parameters()), olm_model.num_parameters()
     if count != expected:  # e.g. a fork whose GPTConfig defaults to other norms or activations
         raise SystemExit(f"--nanogpt-dir: {source} built {count:,} parameters, not the {expected:,} of "
                          f"{model_cfg['name']!r}'s GPT-2 shape; point to an unmodified nanoGPT checkout")
+    return model, config
+
+
+def nanogpt_loop(model_cfg, batch_size, args) -> dict:
+    """nanoGPT's GPT (``model.py`` of a nanoGPT checkout, --nanogpt-dir) of the preset's GPT-2 shape, stepped as
+    nanoGPT's train.py does: its own AdamW groups (fused on GPU), the loss its forward returns, ``torch.compile`` of
+    the whole model, bf16 autocast and clipping in the same plain loop."""
+    model, config = nanogpt_model(model_cfg, args.nanogpt_dir, args.device)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), args.device)
     forward = torch.compile(model) if args.compile else model
 
@@ -218,8 +220,8 @@ def nanogpt_loop(model_cfg, batch_size, args) -> dict:
     batches = device_batches(batch_size, model_cfg["vocab_size"], args)
     model.train()
     seconds, loss = time_steps(training_step(model, loss_of, optimizer, batches, args.device), args)
-    return {"seconds": seconds, "final_loss": float(loss), "module": None, "params": count,
-            "reference_config": dataclasses.asdict(config)}
+    return {"seconds": seconds, "final_loss": float(loss), "module": None,
+            "params": sum(p.numel() for p in model.parameters()), "reference_config": dataclasses.asdict(config)}
 
 
 class _StepTimer:
@@ -372,7 +374,7 @@ def main(argv=None) -> list[dict]:
         if not (Path(args.nanogpt_dir) / "model.py").is_file():
             parser.error(f"--nanogpt-dir: {Path(args.nanogpt_dir) / 'model.py'} not found; pass the directory of a nanoGPT checkout")
         for preset in args.presets:
-            nanogpt_shape_check(model_config(preset, args.vocab_size, args.seq_len, args.override))
+            nanogpt_model(model_config(preset, args.vocab_size, args.seq_len, args.override), args.nanogpt_dir, "meta")
     torch.set_float32_matmul_precision("high")
 
     rows = []

@@ -84,7 +84,7 @@ class GPT(torch.nn.Module):
 """
 
 
-def test_throughput_nanogpt_reference_gets_the_preset_shape(tmp_path, capsys):
+def test_throughput_nanogpt_reference_gets_the_preset_shape(tmp_path, capsys, monkeypatch):
     """--paths nanogpt loads model.py from the given checkout and builds its GPT in the preset's GPT-2 shape
     (padded vocabulary, the preset's bias, no dropout); a stand-in with nanoGPT's interface records the config."""
     import throughput
@@ -101,15 +101,15 @@ def test_throughput_nanogpt_reference_gets_the_preset_shape(tmp_path, capsys):
     assert rows[0]["params"] == olm.build_model(cfg).num_parameters()  # checked by the loader
     assert rows[0]["reference_config"] == {"block_size": cfg["max_seq_len"], "vocab_size": 256, "n_layer": 3,
                                            "n_head": 4, "n_embd": 64, "dropout": 0.0, "bias": True}
+    monkeypatch.setattr(throughput, "run_case", lambda *a: pytest.fail("timed before the inputs were checked"))
     with pytest.raises(SystemExit, match="GPT-2 shapes only"):  # refused before gpt2_tiny is timed
-        throughput.main(["--device", "cpu", "--presets", "gpt2_tiny", "llama_tiny", "--paths", "nanogpt",
+        throughput.main(["--device", "cpu", "--presets", "gpt2_tiny", "llama_tiny", "--paths", "plain", "nanogpt",
                          "--nanogpt-dir", str(tmp_path)])
     (tmp_path / "fork").mkdir()  # a model.py that builds another shape (e.g. other norms by default) is refused
     (tmp_path / "fork" / "model.py").write_text(NANOGPT_STAND_IN.replace("+ 2 * C))", "+ 3 * C))"))
     with pytest.raises(SystemExit, match="unmodified nanoGPT"):
-        throughput.main(["--device", "cpu", "--presets", "gpt2_small", "--paths", "nanogpt", "--nanogpt-dir",
-                         str(tmp_path / "fork"), "--batch-sizes", "2", "--steps", "1", "--warmup", "1", "--seq-len", "32",
-                         "--vocab-size", "250", "--override", *overrides])
+        throughput.main(["--device", "cpu", "--presets", "gpt2_small", "--paths", "plain", "nanogpt", "--nanogpt-dir",
+                         str(tmp_path / "fork"), "--seq-len", "32", "--vocab-size", "250", "--override", *overrides])
     with pytest.raises(SystemExit):  # the path needs a checkout, and the checkout needs the path
         throughput.main(["--device", "cpu", "--presets", "gpt2_tiny", "--paths", "nanogpt"])
     with pytest.raises(SystemExit):

@@ -184,3 +184,27 @@ def test_training_steps_between_log_steps_do_not_read_device_values(tmp_path, ca
     bar, module_loss = state["bars"][-1], list(train_losses(out).values())[-1]
     assert isinstance(bar, RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar)  # the bar Lightning would pick
     assert bar.get_metrics(bar.trainer, bar.trainer.lightning_module)["loss"] == f"{module_loss:.4g}"
+
+
+def test_progress_bar_follows_lightnings_choice_and_switch(monkeypatch):
+    """olm's bar is the class Lightning would pick (rich when installed, else tqdm), on for true and for null (as in
+    Lightning), off for false and 0."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    import olm.train.callbacks as callbacks
+
+    for rich, expected in ((True, RichProgressBar), (False, TQDMProgressBar)):
+        monkeypatch.setattr(callbacks, "_RICH_AVAILABLE", rich)
+        for enabled in (True, None):
+            (bar,) = callbacks.progress_bars(enabled)
+            assert isinstance(bar, expected) and isinstance(bar, callbacks._ShowsLastLoss)
+        assert callbacks.progress_bars(False) == [] and callbacks.progress_bars(0) == []
+    bar = callbacks.LossProgressBar()
+
+    class Module:
+        last_train_loss = 2.3456789
+
+    monkeypatch.setattr(TQDMProgressBar, "get_metrics", lambda self, trainer, pl_module: {"v_num": 0})
+    assert bar.get_metrics(None, Module()) == {"v_num": 0, "loss": "2.346"}
+    Module.last_train_loss = None  # before the first log step: no loss shown
+    assert bar.get_metrics(None, Module()) == {"v_num": 0}

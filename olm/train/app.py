@@ -216,7 +216,7 @@ def train(cfg: DictConfig) -> float | None:
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from olm.train.callbacks import AtomicModelCheckpoint, ThroughputMonitor, loss_progress_bar
+    from olm.train.callbacks import AtomicModelCheckpoint, ThroughputMonitor, progress_bars
     from olm.train.module import LMModule
     from olm.train.strategies import HydraJobLauncher, RankFailure, cleanup_after_job, rank_failure, resolve_strategy
 
@@ -281,7 +281,6 @@ def train(cfg: DictConfig) -> float | None:
         trainer_cfg["val_check_interval"] = batches
 
     trainer_cfg = resolve_strategy(trainer_cfg)
-    progress_bar = [loss_progress_bar()] if trainer_cfg.get("enable_progress_bar") is not False else []  # None: Lightning's on
     trainer, failed = None, True
     try:
         try:
@@ -289,7 +288,7 @@ def train(cfg: DictConfig) -> float | None:
                 **trainer_cfg,
                 max_steps=max_steps,
                 logger=loggers,
-                callbacks=[throughput, checkpoint, *progress_bar],
+                callbacks=[throughput, checkpoint, *progress_bars(trainer_cfg.get("enable_progress_bar"))],
                 default_root_dir=str(run_dir),
                 use_distributed_sampler=False,  # the datamodule shards windows itself (disjoint, resumable)
                 num_sanity_val_steps=0,

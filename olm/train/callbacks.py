@@ -106,9 +106,12 @@ class RichLossProgressBar(_ShowsLastLoss, RichProgressBar):
     """Lightning's rich progress bar with the last logged training loss."""
 
 
-def loss_progress_bar() -> TQDMProgressBar | RichProgressBar:
-    """The progress bar Lightning would pick by default (rich when installed, else tqdm), showing the loss."""
-    return RichLossProgressBar() if _RICH_AVAILABLE else LossProgressBar()
+def progress_bars(enable_progress_bar) -> list[TQDMProgressBar | RichProgressBar]:
+    """For ``trainer.enable_progress_bar``: the bar Lightning would pick by default (rich when installed, else tqdm)
+    showing the loss, or none. ``None`` means on, as in Lightning."""
+    if enable_progress_bar is not None and not enable_progress_bar:
+        return []
+    return [RichLossProgressBar() if _RICH_AVAILABLE else LossProgressBar()]
 
 
 class CheckpointWriteError(OlmError, RuntimeError):
