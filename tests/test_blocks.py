@@ -182,3 +182,42 @@ def test_rope_tables_are_shared_by_the_layers_of_a_model_and_stay_fp32():
     model.to("meta")  # a device move takes every layer's tables along, still shared
     tables = {id(b.attention.position.cos) for b in model.blocks} | {id(b.attention.position.sin) for b in model.blocks}
     assert len(tables) == 2 and model.blocks[3].attention.position.cos.is_meta and not other.blocks[0].attention.position.cos.is_meta
+
+
+def test_moe_dispatch_equals_the_per_expert_formula_without_a_nonzero_per_expert():
+    """The MoE forward (slots sorted by expert, one read of the per-expert counts) equals the per-expert formula
+    out_t = sum over t's top-k experts e of w_te * expert_e(x_t), in value and gradient, also when an expert gets no
+    token; and it issues no nonzero() per expert (each is a host sync on a GPU)."""
+    import torch.nn.functional as F
+
+    from olm.nn.ffn import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(16, num_experts=6, top_k=2, hidden_dim=24)
+    moe.router = torch.nn.Linear(16, 6)  # with a bias, so that expert 5 is never chosen
+    with torch.no_grad():
+        moe.router.bias.zero_()
+        moe.router.bias[5] = -100.0
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    out = moe(x)
+    ref_x = x.detach().clone().requires_grad_()
+    probs = moe.router(ref_x).softmax(-1)
+    w, chosen = probs.topk(2, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    expected = torch.zeros_like(ref_x)
+    for e in range(6):
+        gate, up = F.linear(ref_x, moe.fc[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, moe.proj[e])
+        expected = expected + y * (w * (chosen == e)).sum(-1, keepdim=True)
+    assert not (chosen == 5).any()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    fc_grad = moe.fc.grad.clone()
+    moe.zero_grad()
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fc_grad, moe.fc.grad, rtol=1e-5, atol=1e-6)
+    with torch.profiler.profile() as prof:
+        moe(x)
+    assert not [e for e in prof.events() if e.name == "aten::nonzero"]
