@@ -197,11 +197,16 @@ def run_metadata(args, world_size: int, rank: int) -> dict:
     }
 
 
+def headline(result: dict) -> str:
+    """The result as one JSON line, without the kernel table."""
+    return json.dumps({k: v for k, v in result.items() if k != "top_kernels"})
+
+
 def report_rank(summary: dict, rank: int, args) -> None:
     """One JSON line (and with --out profile_<preset>_rank<r>.json) for a rank other than 0. Comparing ranks shows
     which one the others wait for: its communication kernels are short (they start when the peers are already
     there), the waiting ranks' are long (an all-reduce kernel spins until every rank has joined)."""
-    print(json.dumps({k: v for k, v in summary.items() if k != "top_kernels"}), flush=True)
+    print(headline(summary), flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"profile_{args.preset}_rank{rank}.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -259,7 +264,7 @@ def main(argv=None) -> dict:
         if rank != 0:
             report_rank(result, rank, args)
             return result
-    lines = [json.dumps({k: v for k, v in result.items() if k != "top_kernels"}),
+    lines = [headline(result),
              f"{'ms/step':>8} {'calls':>5}  family            kernel"]
     lines += [f"{k['ms_per_step']:8.3f} {k['calls_per_step']:5d}  {k['family']:<17} {k['name']}" for k in result["top_kernels"]]
     sys.stdout.write("\n".join(lines) + "\n")  # one write, so that another rank's line does not split the table

@@ -125,15 +125,28 @@ def time_steps(step, args) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, loss.detach()
 
 
+def time_model(model, loss_of, optimizer, model_cfg: dict, batch_size: int, args) -> dict:
+    """Seconds for the timed steps of ``model`` in the plain loop, and the last loss."""
+    batches = device_batches(batch_size, model_cfg["vocab_size"], args)
+    model.train()
+    seconds, loss = time_steps(training_step(model, loss_of, optimizer, batches, args.device), args)
+    return {"seconds": seconds, "final_loss": float(loss)}
+
+
+def meta_model(model_cfg: dict):
+    """The preset's olm model on the meta device: shapes and parameter counts, no memory."""
+    import olm
+
+    with torch.device("meta"):
+        return olm.build_model(model_cfg)
+
+
 def plain_loop(model_cfg, batch_size, args) -> dict:
     """The reference: the same module's loss and optimizer, stepped by hand."""
     module = make_module(model_cfg, args, args.compile).to(args.device)
     module.configure_model()
     optimizer = module.configure_optimizers()["optimizer"]
-    batches = device_batches(batch_size, model_cfg["vocab_size"], args)
-    module.train()
-    seconds, loss = time_steps(training_step(module, module.loss, optimizer, batches, args.device), args)
-    return {"seconds": seconds, "final_loss": float(loss), "module": module}
+    return {**time_model(module, module.loss, optimizer, model_cfg, batch_size, args), "module": module}
 
 
 def hf_model(model_cfg: dict):
@@ -141,11 +154,9 @@ def hf_model(model_cfg: dict):
     initialised, with the preset's padded vocabulary and SDPA attention."""
     import transformers
 
-    import olm
     from olm.zoo.families import infer_family
 
-    with torch.device("meta"):
-        model = olm.build_model(model_cfg)
+    model = meta_model(model_cfg)
     family = infer_family(model)
     config = transformers.AutoConfig.for_model(family.model_type, **family.to_hf(model))
     config.vocab_size = model.embedding.token.num_embeddings  # padded, as olm trains it (50304 for GPT-2)
@@ -170,10 +181,7 @@ def hf_loop(model_cfg, batch_size, args) -> dict:
 
     if args.compile:
         loss_of = torch.compile(loss_of)
-    batches = device_batches(batch_size, model_cfg["vocab_size"], args)
-    model.train()
-    seconds, loss = time_steps(training_step(model, loss_of, optimizer, batches, args.device), args)
-    return {"seconds": seconds, "final_loss": float(loss), "module": None,
+    return {**time_model(model, loss_of, optimizer, model_cfg, batch_size, args), "module": None,
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -182,11 +190,9 @@ def nanogpt_model(model_cfg: dict, nanogpt_dir: str, device):
     the preset is not a GPT-2 shape or the checkout builds another parameter count (``device="meta"`` to check)."""
     import importlib.util
 
-    import olm
     from olm.zoo.families import infer_family
 
-    with torch.device("meta"):
-        olm_model = olm.build_model(model_cfg)
+    olm_model = meta_model(model_cfg)
     family = infer_family(olm_model).model_type
     if family != "gpt2":
         raise SystemExit(f"--paths nanogpt: nanoGPT builds GPT-2 shapes only; {model_cfg['name']!r} is a {family} model")
@@ -217,10 +223,7 @@ def nanogpt_loop(model_cfg, batch_size, args) -> dict:
     def loss_of(x, y):
         return forward(x, y)[1]
 
-    batches = device_batches(batch_size, model_cfg["vocab_size"], args)
-    model.train()
-    seconds, loss = time_steps(training_step(model, loss_of, optimizer, batches, args.device), args)
-    return {"seconds": seconds, "final_loss": float(loss), "module": None,
+    return {**time_model(model, loss_of, optimizer, model_cfg, batch_size, args), "module": None,
             "params": sum(p.numel() for p in model.parameters()), "reference_config": dataclasses.asdict(config)}
 
 
@@ -293,10 +296,7 @@ def run_case(preset: str, batch_size: int, path: str, args) -> dict:
     module = result.pop("module")
     world_size = result.get("world_size", 1)
     tokens_per_sec = world_size * args.steps * batch_size * args.seq_len / result["seconds"]
-    import olm
-
-    with torch.device("meta"):  # unsharded shapes: under FSDP module.model holds only this rank's shard
-        full_model = olm.build_model(model_cfg)
+    full_model = meta_model(model_cfg)  # unsharded shapes: under FSDP module.model holds only this rank's shard
     fpt = flops_per_token(full_model, args.seq_len)
     peak = peak_flops(torch.cuda.get_device_name()) if args.device == "cuda" else None
     row = {
