@@ -16,8 +16,10 @@ up in its own family, ``collectives_per_step`` counts the c10d operators each st
 the reads of a tensor's value by the host (``aten::item``, which ``.item()``, ``float()`` and ``bool()`` of a tensor
 call: on a GPU each one waits for the queued work; other syncing operators such as ``nonzero`` are not counted), and
 ``exposed_communication_ms_per_step`` is the time in which communication kernels run while
-no compute kernel does (what overlap with the backward did not hide). ``--out`` also writes a Chrome trace (open in
-chrome://tracing or Perfetto).
+no compute kernel does (what overlap with the backward did not hide), ``compute_ms_per_step`` the time in which some
+compute kernel runs (compare ranks: the one with the most is the one the others wait for), ``idle_gaps`` the largest
+stretches with no kernel at all, by the kernels around them, and ``top_host_ops`` the operators and CUDA runtime
+calls that take the host's time. ``--out`` also writes a Chrome trace (open in chrome://tracing or Perfetto).
 """
 
 from __future__ import annotations
@@ -155,6 +157,7 @@ def summarize(prof, steps: int, wall_us: float, cuda: bool) -> dict:
     spans: dict[bool, list[tuple[float, float]]] = {True: [], False: []}  # communication or not -> kernel intervals
     collectives: dict[str, int] = defaultdict(int)  # c10d operators issued per step, at any depth (GPU and CPU)
     host_reads = 0
+    timeline: list[tuple[float, float, str]] = []
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith("c10d::"):
             collectives[event.name] += 1
@@ -169,21 +172,48 @@ def summarize(prof, steps: int, wall_us: float, cuda: bool) -> dict:
         kernels[event.name][0] += us
         kernels[event.name][1] += 1
         spans[family(event.name) == "communication"].append((event.time_range.start, event.time_range.end))
+        timeline.append((event.time_range.start, event.time_range.end, event.name))
     busy = covered(spans[True] + spans[False])
-    exposed_comm = busy - covered(spans[False])
+    compute = covered(spans[False])
+    exposed_comm = busy - compute
     return {
         "step_ms": round(wall_us / steps / 1000, 2),
         "busy_ms_per_step": round(busy / steps / 1000, 2), "gpu_busy_fraction": round(busy / wall_us, 3),
+        # Time with some compute kernel running: comparing ranks, the one with the most is the one the others wait for
+        # if its GPU is slower; equal compute with a short all-reduce points at that rank's host instead.
+        "compute_ms_per_step": round(compute / steps / 1000, 2),
         "exposed_communication_ms_per_step": round(exposed_comm / steps / 1000, 2),
         "collectives_per_step": {k: round(n / steps, 2) for k, n in sorted(collectives.items())},
         "host_reads_per_step": round(host_reads / steps, 2),
         "families_ms_per_step": {k: round(v / steps / 1000, 2) for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
+        "idle_gaps": idle_gaps(timeline, steps) if cuda else [],
+        # Host side: operators and CUDA runtime calls by the time spent in them on the CPU, without their children.
+        "top_host_ops": [
+            {"name": e.key[:80], "self_cpu_ms_per_step": round(e.self_cpu_time_total / steps / 1000, 3),
+             "calls_per_step": round(e.count / steps, 2)}
+            for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+        ],
         "top_kernels": [
             {"name": name[:120], "ms_per_step": round(t / steps / 1000, 3), "calls_per_step": n // steps,
              "family": family(name)}
             for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
         ],
     }
+
+
+def idle_gaps(timeline: list[tuple[float, float, str]], steps: int, top: int = 5, min_us: float = 20.0) -> list[dict]:
+    """Where the GPU sits idle: gaps of at least ``min_us`` between the end of all kernels so far and the next
+    kernel's start, grouped by the kernel before and the kernel after, largest total first (ms per step)."""
+    gaps: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    reach, last = float("inf"), ""
+    for start, end, name in sorted(timeline):
+        if start - reach >= min_us:
+            gaps[(last[:60], name[:60])][0] += start - reach
+            gaps[(last[:60], name[:60])][1] += 1
+        if end > reach or reach == float("inf"):
+            reach, last = end, name
+    return [{"ms_per_step": round(t / steps / 1000, 3), "count_per_step": round(n / steps, 2), "after": a, "before": b}
+            for (a, b), (t, n) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:top]]
 
 
 def run_metadata(args, world_size: int, rank: int) -> dict:

@@ -128,6 +128,10 @@ def test_profile_script_on_cpu(tmp_path):
     assert "optimizer" in families and "attention" in families  # AdamW and SDPA are found by name
     assert 0 < result["gpu_busy_fraction"] <= 1.01 and len(result["top_kernels"]) > 5
     assert result["exposed_communication_ms_per_step"] == 0  # one process: no communication
+    assert result["compute_ms_per_step"] == result["busy_ms_per_step"]
+    host = {op["name"]: op for op in result["top_host_ops"]}
+    assert "aten::mm" in host and host["aten::mm"]["calls_per_step"] >= 1 and host["aten::mm"]["self_cpu_ms_per_step"] > 0
+    assert result["idle_gaps"] == []  # GPU only
     saved = json.loads((tmp_path / "profile_lm_tiny.json").read_text())
     assert saved["families_ms_per_step"] == families
     assert json.loads((tmp_path / "trace_lm_tiny.json").read_text())["traceEvents"]
@@ -165,6 +169,12 @@ def test_profile_interval_union():
     assert profile_step.covered([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
     compute, comm = [(0, 10), (12, 20)], [(8, 14), (19, 23)]
     assert profile_step.covered(compute + comm) - profile_step.covered(compute) == 2 + 3  # 10-12 and 20-23
+    # idle gaps (us) after the kernel that ended last, before the next one; shorter than min_us are not gaps
+    timeline = [(0, 10, "a"), (5, 12, "b"), (40, 50, "c"), (50, 55, "d"), (60, 70, "a"), (115, 120, "c")]
+    assert profile_step.idle_gaps(timeline, steps=1, min_us=20) == [
+        {"ms_per_step": 0.045, "count_per_step": 1.0, "after": "a", "before": "c"},
+        {"ms_per_step": 0.028, "count_per_step": 1.0, "after": "b", "before": "c"},
+    ]
 
 
 @pytest.mark.slow
