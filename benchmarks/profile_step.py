@@ -17,9 +17,9 @@ the reads of a tensor's value by the host (``aten::item``, which ``.item()``, ``
 call: on a GPU each one waits for the queued work; other syncing operators such as ``nonzero`` are not counted), and
 ``exposed_communication_ms_per_step`` is the time in which communication kernels run while
 no compute kernel does (what overlap with the backward did not hide), ``compute_ms_per_step`` the time in which some
-compute kernel runs (compare ranks: the one with the most is the one the others wait for), ``idle_gaps`` the largest
-stretches with no kernel at all, by the kernels around them, and ``top_host_ops`` the operators and CUDA runtime
-calls that take the host's time. ``--out`` also writes a Chrome trace (open in chrome://tracing or Perfetto).
+compute kernel runs (compare ranks: a rank with more of it and short all-reduce kernels is the one the others wait
+for), ``idle_gaps`` the time with no kernel at all in gaps of 20 us or more, totalled per pair of kernels around the
+gap, and ``top_host_ops`` the operators, CUDA runtime calls and ``record_function`` ranges by their own CPU time. ``--out`` also writes a Chrome trace (open in chrome://tracing or Perfetto).
 """
 
 from __future__ import annotations
@@ -203,17 +203,18 @@ def summarize(prof, steps: int, wall_us: float, cuda: bool) -> dict:
 
 def idle_gaps(timeline: list[tuple[float, float, str]], steps: int, top: int = 5, min_us: float = 20.0) -> list[dict]:
     """Where the GPU sits idle: gaps of at least ``min_us`` between the end of all kernels so far and the next
-    kernel's start, grouped by the kernel before and the kernel after, largest total first (ms per step)."""
+    kernel's start, totalled per pair (``after``: the kernel that ended last before the gap, ``before``: the one that
+    starts it), largest total first, in ms per step. Idle time in shorter gaps is not reported."""
     gaps: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
-    reach, last = float("inf"), ""
+    reach, last = float("-inf"), ""
     for start, end, name in sorted(timeline):
-        if start - reach >= min_us:
-            gaps[(last[:60], name[:60])][0] += start - reach
-            gaps[(last[:60], name[:60])][1] += 1
-        if end > reach or reach == float("inf"):
+        if last and start - reach >= min_us:
+            gaps[(last, name)][0] += start - reach
+            gaps[(last, name)][1] += 1
+        if end > reach:
             reach, last = end, name
-    return [{"ms_per_step": round(t / steps / 1000, 3), "count_per_step": round(n / steps, 2), "after": a, "before": b}
-            for (a, b), (t, n) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:top]]
+    return [{"ms_per_step": round(t / steps / 1000, 3), "count_per_step": round(n / steps, 2), "after": a[:80],
+             "before": b[:80]} for (a, b), (t, n) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:top]]
 
 
 def run_metadata(args, world_size: int, rank: int) -> dict:

@@ -175,6 +175,11 @@ def test_profile_interval_union():
         {"ms_per_step": 0.045, "count_per_step": 1.0, "after": "a", "before": "c"},
         {"ms_per_step": 0.028, "count_per_step": 1.0, "after": "b", "before": "c"},
     ]
+    # a long kernel on another stream covers short ones: the gap comes after the one that ended last ("long")
+    nested = [(0, 100, "long"), (10, 20, "s1"), (50, 60, "s2"), (130, 140, "next"), (130, 135, "same_start")]
+    assert profile_step.idle_gaps(nested, steps=2, min_us=20) == [
+        {"ms_per_step": 0.015, "count_per_step": 0.5, "after": "long", "before": "same_start"},
+    ]
 
 
 @pytest.mark.slow
