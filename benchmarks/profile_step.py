@@ -19,7 +19,8 @@ call: on a GPU each one waits for the queued work; other syncing operators such 
 no compute kernel does (what overlap with the backward did not hide), ``compute_ms_per_step`` the time in which some
 compute kernel runs (compare ranks: a rank with more of it and short all-reduce kernels is the one the others wait
 for), ``idle_gaps`` the time with no kernel at all in gaps of 20 us or more, totalled per pair of kernels around the
-gap, and ``top_host_ops`` the operators, CUDA runtime calls and ``record_function`` ranges by their own CPU time. ``--out`` also writes a Chrome trace (open in chrome://tracing or Perfetto).
+gap, and ``top_host_ops`` the operators, CUDA runtime calls and ``record_function`` ranges by their own CPU time.
+``--out`` also writes a Chrome trace (open in chrome://tracing or Perfetto).
 """
 
 from __future__ import annotations
