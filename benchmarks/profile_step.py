@@ -8,8 +8,8 @@ of an olm preset, after warm-up, grouped into kernel families.
 
 ``--path lightning`` profiles the same steps as olm-train runs them: olm's module in the Lightning Trainer, on
 ``--devices`` GPUs with ``--strategy``. Prints the share of GPU time per family (matmul, attention,
-fused/elementwise, cross-entropy, optimizer, communication, other), the 25 most expensive kernels, and the GPU-busy fraction of the wall time (the union of
-kernel intervals: idle gaps mean the host is not keeping up). Under torchrun the model is wrapped in
+fused/elementwise, cross-entropy, optimizer, communication, other), the 25 most expensive kernels, and the GPU-busy
+fraction of the wall time (the union of kernel intervals: idle gaps mean the host is not keeping up). Under torchrun the model is wrapped in
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs) and every rank profiles its steps (rank 0 in full, the others
 as one JSON line each, to compare which rank the others wait for), so gradient communication shows
 up in its own family, ``collectives_per_step`` counts the c10d operators each step issues, ``host_reads_per_step``
@@ -32,6 +32,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -51,6 +52,7 @@ FAMILIES = [
 ]
 
 
+@lru_cache(maxsize=None)  # a few hundred distinct kernel names, each seen once per step
 def family(name: str) -> str:
     for label, pattern in FAMILIES:
         if re.search(pattern, name, re.I):
@@ -155,7 +157,6 @@ def summarize(prof, steps: int, wall_us: float, cuda: bool) -> dict:
     exposed communication. On CPU: top-level operators instead of kernels."""
     by_family: dict[str, float] = defaultdict(float)
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    spans: dict[bool, list[tuple[float, float]]] = {True: [], False: []}  # communication or not -> kernel intervals
     collectives: dict[str, int] = defaultdict(int)  # c10d operators issued per step, at any depth (GPU and CPU)
     host_reads = 0
     timeline: list[tuple[float, float, str]] = []
@@ -172,10 +173,9 @@ def summarize(prof, steps: int, wall_us: float, cuda: bool) -> dict:
         by_family[family(event.name)] += us
         kernels[event.name][0] += us
         kernels[event.name][1] += 1
-        spans[family(event.name) == "communication"].append((event.time_range.start, event.time_range.end))
         timeline.append((event.time_range.start, event.time_range.end, event.name))
-    busy = covered(spans[True] + spans[False])
-    compute = covered(spans[False])
+    busy = covered([(start, end) for start, end, _ in timeline])
+    compute = covered([(start, end) for start, end, name in timeline if family(name) != "communication"])
     exposed_comm = busy - compute
     return {
         "step_ms": round(wall_us / steps / 1000, 2),

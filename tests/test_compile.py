@@ -75,7 +75,7 @@ def test_ddp_gradient_compression_sets_torchs_comm_hook_on_gpus(compression, hoo
     strategy = resolve_strategy(cfg)["strategy"]
     assert strategy._ddp_comm_hook is (getattr(default_hooks, hook) if hook else None)
     assert strategy._ddp_kwargs["bucket_cap_mb"] == 50
-    assert strategy._ddp_kwargs["gradient_as_bucket_view"] is True  # olm's default: no copy into the buckets
+    assert strategy._ddp_kwargs["gradient_as_bucket_view"] is True  # olm's default: no copy back out of the buckets
     cfg["strategy"] = {**cfg["strategy"], "gradient_as_bucket_view": False}
     assert resolve_strategy(cfg)["strategy"]._ddp_kwargs["gradient_as_bucket_view"] is False  # explicit wins
 
