@@ -65,7 +65,8 @@ def make_module(model_cfg: dict, args, compile: bool):
                     log_every_n_steps=args.log_every, compile=compile, fused_loss=args.fused_loss,
                     activation_checkpointing=args.activation_checkpointing, attention_backend=args.attention_backend,
                     compile_mode=args.compile_mode, compile_scope=args.compile_scope,
-                    compile_options=parse_options(args.compile_options))
+                    compile_options=parse_options(args.compile_options),
+                    float8=False if args.float8 == "false" else args.float8, float8_head=args.float8_head)
 
 
 def parse_options(items: list[str]) -> dict:
@@ -308,6 +309,7 @@ def run_case(preset: str, batch_size: int, path: str, args) -> dict:
         "step_ms": round(1000 * result["seconds"] / args.steps, 2),
         "compile": args.compile, "fused_loss": str(args.fused_loss), "fused_ce_used": module is not None and module._fused_ce is not None,
         "activation_checkpointing": args.activation_checkpointing, "attention_backend": args.attention_backend,
+        "float8": args.float8, "float8_head": args.float8_head,
         "compile_mode": args.compile_mode, "compile_scope": args.compile_scope if args.compile else None,
         "compile_options": " ".join(args.compile_options) or None,
         "gradient_compression": args.gradient_compression if world_size > 1 else None,
@@ -322,13 +324,14 @@ def run_case(preset: str, batch_size: int, path: str, args) -> dict:
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"card: {meta['device']}; torch {meta['torch']}; date {meta['date']}; command: `{meta['command']}`", "",
-             "| preset | path | GPUs | batch/GPU | params | tokens/s | MFU | peak mem GiB/GPU | step ms | compile | fused CE | SDPA | act. ckpt |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| preset | path | GPUs | batch/GPU | params | tokens/s | MFU | peak mem GiB/GPU | step ms | compile | fused CE | SDPA | act. ckpt | float8 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         lines.append(f"| {r['preset']} | {r['path']} | {r['world_size']} | {r['batch_size']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_sec']:,} "
                      f"| {mfu} | {r['peak_mem_gib']} | {r['step_ms']} | {r['compile']} | {r['fused_ce_used']} "
-                     f"| {r['attention_backend']} | {r['activation_checkpointing']} |")
+                     f"| {r['attention_backend']} | {r['activation_checkpointing']} "
+                     f"| {r['float8']}{' + head' if r['float8_head'] else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -353,6 +356,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--ddp-options", nargs="*", default=[], help="trainer.strategy keys for DDP, e.g. bucket_cap_mb=100")
     parser.add_argument("--fused-loss", default="false", type=lambda v: {"true": True, "false": False}.get(v, v))
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--float8", default="false", choices=["false", "tensorwise", "rowwise"],
+                        help="FP8 matmuls in the linear layers (torchao), as olm-train's float8 key")
+    parser.add_argument("--float8-head", action="store_true", help="with --float8: the output head in FP8 too")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"])
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.num_layers=2")
     parser.add_argument("--devices", type=int, default=1, help="GPUs (or CPU processes) for the lightning path")
@@ -363,6 +369,7 @@ def main(argv=None) -> list[dict]:
     olm_only = {"--fused-loss": args.fused_loss is not False, "--activation-checkpointing": args.activation_checkpointing,
                 "--attention-backend": args.attention_backend != "auto", "--compile-mode": args.compile_mode != "default",
                 "--compile-scope": args.compile_scope != "model", "--compile-options": bool(args.compile_options),
+                "--float8": args.float8 != "false",
                 "--devices": args.devices > 1, "--strategy": args.strategy != "auto"}
     references = [p for p in args.paths if p in ("hf", "nanogpt")]
     if references and any(olm_only.values()):

@@ -139,6 +139,7 @@ def test_bad_inputs_fail_before_training(tmp_path, cache_dir):
         ("resume=sometimes",): "resume='sometimes' is not known",
         ("scheduler.name=cosin",): "scheduler.name='cosin' is not known; known: cosine, constant, wsd, linear",
         ("model.num_heads=3",): "model.embed_dim=32 must be divisible by model.num_heads=3",
+        ("float8=fp8",): "float8='fp8' is not known; known: false, true (= tensorwise), tensorwise, rowwise",
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError) as info:

@@ -251,6 +251,8 @@ def train(cfg: DictConfig) -> float | None:
         compile_mode=cfg.get("compile_mode", "default"),
         compile_scope=cfg.get("compile_scope", "model"),
         compile_options=OmegaConf.to_container(cfg.compile_options, resolve=True) if cfg.get("compile_options") else None,
+        float8=cfg.get("float8", False),
+        float8_head=cfg.get("float8_head", False),
     )
     num_params = module.model.num_parameters()
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

@@ -24,6 +24,8 @@ SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 # What one compiled graph covers: the whole model and loss, or each transformer block (plus one for head and loss).
 COMPILE_SCOPES = ("model", "blocks")
+# torchao's FP8 training recipes (dynamic scaling): one scale per tensor, or per row (finer, slower kernels).
+FLOAT8_RECIPES = ("tensorwise", "rowwise")
 
 
 def _dotted(options: dict, prefix: str = "") -> dict[str, Any]:
@@ -35,6 +37,52 @@ def _dotted(options: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def float8_recipe(value: Any) -> str | None:
+    """The ``float8`` config value as a torchao recipe name (true means tensorwise), or None when off."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "tensorwise"
+    if value not in FLOAT8_RECIPES:
+        raise ConfigError(f"float8={value!r} is not known; known: false, true (= tensorwise), {', '.join(FLOAT8_RECIPES)}")
+    return value
+
+
+def convert_to_float8(model: torch.nn.Module, recipe: str, head: bool = False) -> int:
+    """Swap ``model``'s linear layers for torchao's ``Float8Linear`` in place: their matmuls run in FP8 with scales
+    computed each step (``recipe``: tensorwise or rowwise), master weights and optimizer state stay as they were.
+    The weights are the same parameters, so ties and state-dict names (checkpoints, exports) do not change.
+
+    Kept as they are: layers whose dimensions are not multiples of 16 (FP8 matmul kernels need them), MoE routers
+    (routing decisions are sensitive to rounding), and the output head unless ``head``. Returns how many layers were
+    converted; raises ConfigError when torchao is missing or no layer qualifies."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        raise ConfigError(f"float8={recipe} needs torchao (pip install 'olm[perf]')") from e
+    head_linear = getattr(getattr(model, "head", None), "linear", None)
+    kept: list[str] = []
+
+    def qualifies(module: torch.nn.Module, fqn: str) -> bool:
+        if module is head_linear and not head:
+            reason = "output head, float8_head=false"
+        elif fqn.rsplit(".", 1)[-1] == "router":
+            reason = "MoE router"
+        elif module.in_features % 16 or module.out_features % 16:
+            reason = f"{module.in_features}x{module.out_features} not multiples of 16"
+        else:
+            return True
+        kept.append(f"{fqn} ({reason})")
+        return False
+
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=qualifies)
+    converted = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
+    if not converted:
+        raise ConfigError(f"float8={recipe}: no linear layer qualifies; kept: {'; '.join(kept) or 'none found'}")
+    log.info("float8=%s: %d linear layers in FP8; not converted: %s", recipe, converted, "; ".join(kept) or "none")
+    return converted
 
 
 def inductor_options(mode: str, options: dict[str, Any] | None) -> dict[str, Any]:
@@ -132,7 +180,8 @@ class LMModule(L.LightningModule):
     def __init__(self, model_cfg: dict, optim: dict, scheduler: dict, *, max_steps: int, log_every_n_steps: int = 10,
                  compile: bool = False, bytes_per_token: float | None = None, activation_checkpointing: bool = False,
                  skip_nonfinite_batches: int = 0, fused_loss: str | bool = "auto", attention_backend: str = "auto",
-                 compile_mode: str = "default", compile_scope: str = "model", compile_options: dict | None = None):
+                 compile_mode: str = "default", compile_scope: str = "model", compile_options: dict | None = None,
+                 float8: str | bool = False, float8_head: bool = False):
         super().__init__()
         self.model_cfg = dict(model_cfg)
         self.model = olm.build_model(self.model_cfg)
@@ -151,6 +200,12 @@ class LMModule(L.LightningModule):
         if compile_scope not in COMPILE_SCOPES:
             raise ConfigError(f"compile_scope={compile_scope!r} is not known; known: {', '.join(COMPILE_SCOPES)}")
         self.compile_scope = compile_scope
+        self.float8 = float8_recipe(float8)
+        if float8_head not in (True, False):
+            raise ConfigError(f"float8_head={float8_head!r} must be true or false")
+        if float8_head and self.float8 is None:
+            raise ConfigError("float8_head=true needs float8 on (float8=tensorwise or rowwise)")
+        self.float8_head = float8_head
         # Checked (importing inductor takes seconds) when compiling, or when set without compile=true.
         options_set = any(compile_options.values()) if isinstance(compile_options, dict) else bool(compile_options)
         if compile or compile_mode != "default" or options_set:
@@ -177,6 +232,13 @@ class LMModule(L.LightningModule):
         self.model.activation_checkpointing = self.activation_checkpointing
         select_sdpa_backend(self.attention_backend)
         self._fused_ce = self._make_fused_ce()
+        if self.float8 is not None and not getattr(self, "_float8_done", False):
+            self._check_float8_device()
+            if self.float8_head and self._fused_ce is not None:
+                raise ConfigError("float8_head=true does not apply with fused_loss: the fused kernel multiplies by the head "
+                                  "weight itself; set fused_loss=false or float8_head=false")
+            convert_to_float8(self.model, self.float8, head=self.float8_head)  # before compiling: compiled with the casts
+            self._float8_done = True
         if self.compile_model and not getattr(self, "_compiled", False):
             # Dynamo's DDP optimizer splits the compiled graph at gradient-bucket boundaries to overlap all-reduce
             # with backward; measured here it cost far more in lost fusion than it gained (benchmarks/RESULTS.md).
@@ -194,6 +256,15 @@ class LMModule(L.LightningModule):
                     block.compile(options=self.compile_options or None)
                 self._compiled_head_loss = compile(self._head_loss)
             self._compiled = True
+
+    def _check_float8_device(self) -> None:
+        """FP8 matmuls need compute capability 8.9 or newer (Ada, Hopper, Blackwell). On the CPU they are emulated:
+        correct (tests), not faster."""
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            name, cap = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+            raise ConfigError(f"float8={self.float8} needs a GPU with FP8 matmuls (compute capability 8.9+); "
+                              f"{name} has {cap[0]}.{cap[1]}; set float8=false")
 
     def _make_fused_ce(self):
         """Liger's fused linear-cross-entropy (never materialises the (tokens x vocab) logits), when asked for or
