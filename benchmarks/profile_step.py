@@ -225,6 +225,7 @@ def run_metadata(args, world_size: int, rank: int) -> dict:
         "ddp_options": " ".join(args.ddp_options) or None if world_size > 1 else None,
         "preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len, "compile": args.compile,
         "compile_mode": args.compile_mode, "compile_scope": args.compile_scope,
+        "float8": args.float8, "float8_head": args.float8_head,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
     }
 
@@ -264,8 +265,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--compile-options", nargs="*", default=[], help="inductor options, e.g. coordinate_descent_tuning=true")
     parser.add_argument("--fused-loss", default="false", type=lambda v: {"true": True, "false": False}.get(v, v))
     parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--float8", default="false", choices=["false", "tensorwise", "rowwise"])
-    parser.add_argument("--float8-head", action="store_true")
+    parser.add_argument("--float8", default="false", choices=["false", "tensorwise", "rowwise"],
+                        help="FP8 matmuls in the linear layers (torchao), as olm-train's float8 key")
+    parser.add_argument("--float8-head", action="store_true", help="with --float8: the output head in FP8 too")
     parser.add_argument("--override", nargs="*", default=[])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--gradient-compression", default="none", choices=["none", "bf16", "fp16"], help="DDP: under torchrun, or --path lightning")

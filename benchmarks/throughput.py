@@ -369,7 +369,7 @@ def main(argv=None) -> list[dict]:
     olm_only = {"--fused-loss": args.fused_loss is not False, "--activation-checkpointing": args.activation_checkpointing,
                 "--attention-backend": args.attention_backend != "auto", "--compile-mode": args.compile_mode != "default",
                 "--compile-scope": args.compile_scope != "model", "--compile-options": bool(args.compile_options),
-                "--float8": args.float8 != "false",
+                "--float8": args.float8 != "false", "--float8-head": args.float8_head,
                 "--devices": args.devices > 1, "--strategy": args.strategy != "auto"}
     references = [p for p in args.paths if p in ("hf", "nanogpt")]
     if references and any(olm_only.values()):

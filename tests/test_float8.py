@@ -2,6 +2,8 @@
 the FP8 matmuls, which checks which layers are converted, that weights, ties and checkpoint names are kept, and that
 the math stays close to full precision; the speed is measured on the GPU (benchmarks/RESULTS.md)."""
 
+import functools
+import importlib.util
 import logging
 import sys
 import types
@@ -41,6 +43,9 @@ def test_block_linears_become_fp8_and_weights_ties_and_names_stay(head):
     assert m.model.head.linear.weight is m.model.embedding.token.weight  # the tie survives the swap
     assert {name: p for name, p in m.named_parameters()} == weights  # the same parameter objects: optimizer state stays
     assert list(m.state_dict()) == list(ref.state_dict())  # checkpoints and exports keep their names
+    residual = sorted(n for n, mod in m.model.named_modules() if getattr(mod, "is_residual_out", False))
+    assert residual == sorted(n for n, mod in ref.model.named_modules() if getattr(mod, "is_residual_out", False))
+    assert len(residual) == 6  # attention and FFN output projections keep their scaled-init mark
     m.configure_model()  # Lightning may call it again: converted once
     assert float8_names(m.model) == converted
 
@@ -63,6 +68,26 @@ def test_fp8_loss_and_gradients_are_close_to_full_precision():
         assert cosine > 0.98, (name, cosine.item())
 
 
+@pytest.mark.parametrize("scope,checkpointing", [("model", False), ("blocks", True)])
+def test_compiled_fp8_equals_eager_fp8(scope, checkpointing, monkeypatch):
+    """Conversion happens before compilation, so the compiled graphs hold the FP8 casts (aot_eager on the CPU)."""
+    torch.manual_seed(0)
+    eager = module(float8="tensorwise")
+    eager.configure_model()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    m = module(float8="tensorwise", compile=True, compile_scope=scope, activation_checkpointing=checkpointing)
+    m.configure_model()
+    m.load_state_dict(eager.state_dict())
+    assert len(float8_names(m.model)) == 12
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    ref_loss, loss = eager.loss(x, y), m.loss(x, y)
+    ref_loss.backward()
+    loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
+    for (name, p), (_, q) in zip(m.named_parameters(), eager.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
 def test_rowwise_recipe_and_what_is_not_converted(caplog):
     moe = {"name": "lm", "vocab_size": 64, "embed_dim": 32, "num_heads": 2, "num_layers": 1, "max_seq_len": 16,
            "ffn": {"name": "moe", "hidden_dim": 48, "num_experts": 16, "top_k": 2}}
@@ -83,13 +108,21 @@ def test_layers_whose_dimensions_are_not_multiples_of_16_are_kept_and_none_is_an
     with pytest.raises(ConfigError, match=r"^float8=tensorwise: no linear layer qualifies; kept: .*24x72 not multiples of 16"):
         module(odd, float8="tensorwise").configure_model()
     model = module().model
-    assert convert_to_float8(model, "tensorwise", head=True) == 13
+    assert convert_to_float8(model, "tensorwise", head=True) == (13, [])
+    odd_head = {**CFG, "vocab_size": 60}  # a 32x60 head
+    with pytest.raises(ConfigError) as info:
+        module(odd_head, float8="tensorwise", float8_head=True).configure_model()
+    assert str(info.value) == "float8_head=true: the output head is 32x60, FP8 needs multiples of 16; set float8_head=false"
+    m = module(odd_head, float8="tensorwise")  # without the head: converted, the head named as kept
+    m.configure_model()
+    assert len(float8_names(m.model)) == 12
 
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"float8": "fp8"}, "float8='fp8' is not known; known: false, true (= tensorwise), tensorwise, rowwise"),
     ({"float8_head": True}, "float8_head=true needs float8 on (float8=tensorwise or rowwise)"),
     ({"float8": "rowwise", "float8_head": "yes"}, "float8_head='yes' must be true or false"),
+    ({"float8": "rowwise", "float8_head": 1}, "float8_head=1 must be true or false"),
 ])
 def test_bad_float8_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError) as info:
@@ -98,20 +131,25 @@ def test_bad_float8_settings_are_one_line_errors(kwargs, message):
 
 
 def test_missing_torchao_and_fused_loss_with_fp8_head_are_one_line_errors(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # import fails as if torchao were not installed
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a))
     with pytest.raises(ConfigError) as info:
-        module(float8="tensorwise").configure_model()
+        module(float8="tensorwise")  # at construction: before data, trainer or processes
     assert str(info.value) == "float8=tensorwise needs torchao (pip install 'olm[perf]')"
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # the function on its own: the import fails
+    with pytest.raises(ConfigError, match=r"^float8=rowwise needs torchao \(pip install 'olm\[perf\]'\)$"):
+        convert_to_float8(module().model, "rowwise")
     monkeypatch.undo()
     m = module(float8="tensorwise", float8_head=True)
     monkeypatch.setattr(m, "_make_fused_ce", lambda: object())  # as when liger-kernel's fused loss is in use
-    with pytest.raises(ConfigError, match="^float8_head=true does not apply with fused_loss"):
+    with pytest.raises(ConfigError, match="^float8_head=true does not apply with fused_loss=False"):
         m.configure_model()
 
 
 def test_gpus_without_fp8_matmuls_are_refused(monkeypatch):
     m = module(float8="tensorwise")
-    monkeypatch.setattr(type(m), "device", property(lambda self: torch.device("cuda", 0)))
+    m._trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cuda", 0)))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     with pytest.raises(ConfigError) as info:
@@ -120,6 +158,7 @@ def test_gpus_without_fp8_matmuls_are_refused(monkeypatch):
                                "NVIDIA A100-SXM4-80GB has 8.0; set float8=false")
 
 
+@pytest.mark.slow
 def test_olm_train_with_float8_follows_full_precision_and_exports_a_plain_model(tmp_path):
     """The config keys reach the module; the loss curve stays within 1% of full precision's; the export loads into
     the plain model (nn.Linear layers) with the trained weights; the checkpoint resumes. (Short: torch's FP8 matmul
@@ -129,7 +168,7 @@ def test_olm_train_with_float8_follows_full_precision_and_exports_a_plain_model(
     from olm.nn.structure import Block
     from test_train import run, train_losses
 
-    common = ["trainer.val_check_interval=4", "sample.max_new_tokens=0"]
+    common = ["trainer.val_check_interval=4", "data.val_batches=1", "sample.max_new_tokens=0"]
     full, _ = run(tmp_path, tmp_path / "cache", [*common, "trainer.max_steps=8", "logger=csv", "export=false"], name="full")
     out, _ = run(tmp_path, tmp_path / "cache", [*common, "float8=tensorwise", "float8_head=true", "trainer.max_steps=8",
                                                 "logger=csv"])

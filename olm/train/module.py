@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import math
 import random
@@ -50,19 +51,29 @@ def float8_recipe(value: Any) -> str | None:
     return value
 
 
-def convert_to_float8(model: torch.nn.Module, recipe: str, head: bool = False) -> int:
+def _listed(items: list[str], limit: int = 4) -> str:
+    """'a; b; c; d; and 7 more': a long list kept to one readable line."""
+    shown = "; ".join(items[:limit]) or "none"
+    return f"{shown}; and {len(items) - limit} more" if len(items) > limit else shown
+
+
+def convert_to_float8(model: torch.nn.Module, recipe: str, head: bool = False) -> tuple[int, list[str]]:
     """Swap ``model``'s linear layers for torchao's ``Float8Linear`` in place: their matmuls run in FP8 with scales
     computed each step (``recipe``: tensorwise or rowwise), master weights and optimizer state stay as they were.
     The weights are the same parameters, so ties and state-dict names (checkpoints, exports) do not change.
 
     Kept as they are: layers whose dimensions are not multiples of 16 (FP8 matmul kernels need them), MoE routers
-    (routing decisions are sensitive to rounding), and the output head unless ``head``. Returns how many layers were
-    converted; raises ConfigError when torchao is missing or no layer qualifies."""
+    (routing decisions are sensitive to rounding), and the output head unless ``head``; MoE experts are not
+    nn.Linear layers and stay as they are too. Returns how many layers were converted and the kept ones with the
+    reason. Raises ConfigError when torchao is missing, no layer qualifies, or ``head`` is asked for and the head
+    cannot be converted."""
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as e:
         raise ConfigError(f"float8={recipe} needs torchao (pip install 'olm[perf]')") from e
     head_linear = getattr(getattr(model, "head", None), "linear", None)
+    if head and not isinstance(head_linear, torch.nn.Linear):
+        raise ConfigError("float8_head=true: this model has no output-head linear layer to convert; set float8_head=false")
     kept: list[str] = []
 
     def qualifies(module: torch.nn.Module, fqn: str) -> bool:
@@ -71,18 +82,25 @@ def convert_to_float8(model: torch.nn.Module, recipe: str, head: bool = False) -
         elif fqn.rsplit(".", 1)[-1] == "router":
             reason = "MoE router"
         elif module.in_features % 16 or module.out_features % 16:
+            if module is head_linear:
+                raise ConfigError(f"float8_head=true: the output head is {module.in_features}x{module.out_features}, "
+                                  "FP8 needs multiples of 16; set float8_head=false")
             reason = f"{module.in_features}x{module.out_features} not multiples of 16"
         else:
             return True
         kept.append(f"{fqn} ({reason})")
         return False
 
+    # Attributes olm sets on layers (is_residual_out: scaled init) are carried over to the new modules.
+    marked = {name for name, m in model.named_modules() if getattr(m, "is_residual_out", False)}
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=qualifies)
+    for name, m in model.named_modules():
+        if name in marked:
+            m.is_residual_out = True
     converted = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
     if not converted:
-        raise ConfigError(f"float8={recipe}: no linear layer qualifies; kept: {'; '.join(kept) or 'none found'}")
-    log.info("float8=%s: %d linear layers in FP8; not converted: %s", recipe, converted, "; ".join(kept) or "none")
-    return converted
+        raise ConfigError(f"float8={recipe}: no linear layer qualifies; kept: {_listed(kept)}")
+    return converted, kept
 
 
 def inductor_options(mode: str, options: dict[str, Any] | None) -> dict[str, Any]:
@@ -201,10 +219,12 @@ class LMModule(L.LightningModule):
             raise ConfigError(f"compile_scope={compile_scope!r} is not known; known: {', '.join(COMPILE_SCOPES)}")
         self.compile_scope = compile_scope
         self.float8 = float8_recipe(float8)
-        if float8_head not in (True, False):
+        if not isinstance(float8_head, bool):
             raise ConfigError(f"float8_head={float8_head!r} must be true or false")
         if float8_head and self.float8 is None:
             raise ConfigError("float8_head=true needs float8 on (float8=tensorwise or rowwise)")
+        if self.float8 is not None and importlib.util.find_spec("torchao") is None:  # before any data or process starts
+            raise ConfigError(f"float8={self.float8} needs torchao (pip install 'olm[perf]')")
         self.float8_head = float8_head
         # Checked (importing inductor takes seconds) when compiling, or when set without compile=true.
         options_set = any(compile_options.values()) if isinstance(compile_options, dict) else bool(compile_options)
@@ -235,10 +255,16 @@ class LMModule(L.LightningModule):
         if self.float8 is not None and not getattr(self, "_float8_done", False):
             self._check_float8_device()
             if self.float8_head and self._fused_ce is not None:
-                raise ConfigError("float8_head=true does not apply with fused_loss: the fused kernel multiplies by the head "
-                                  "weight itself; set fused_loss=false or float8_head=false")
-            convert_to_float8(self.model, self.float8, head=self.float8_head)  # before compiling: compiled with the casts
+                raise ConfigError(f"float8_head=true does not apply with fused_loss={self.fused_loss} (liger-kernel's fused "
+                                  "loss multiplies by the head weight itself); set fused_loss=false or float8_head=false")
+            # Before compiling, so that the casts compile with the matmuls; eager, each cast is a kernel of its own.
+            converted, kept = convert_to_float8(self.model, self.float8, head=self.float8_head)
             self._float8_done = True
+            if self.global_rank == 0:
+                log.info("float8=%s: %d linear layers in FP8; not converted: %s", self.float8, converted, _listed(kept))
+                if not self.compile_model:
+                    log.warning("float8=%s without compile=true: the FP8 casts run as separate kernels; its speed was "
+                                "measured with compile=true only (benchmarks/RESULTS.md)", self.float8)
         if self.compile_model and not getattr(self, "_compiled", False):
             # Dynamo's DDP optimizer splits the compiled graph at gradient-bucket boundaries to overlap all-reduce
             # with backward; measured here it cost far more in lost fusion than it gained (benchmarks/RESULTS.md).
