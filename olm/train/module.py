@@ -74,6 +74,9 @@ def convert_to_float8(model: torch.nn.Module, recipe: str, head: bool = False) -
     head_linear = getattr(getattr(model, "head", None), "linear", None)
     if head and not isinstance(head_linear, torch.nn.Linear):
         raise ConfigError("float8_head=true: this model has no output-head linear layer to convert; set float8_head=false")
+    if head and (head_linear.in_features % 16 or head_linear.out_features % 16):
+        raise ConfigError(f"float8_head=true: the output head is {head_linear.in_features}x{head_linear.out_features}, "
+                          "FP8 needs multiples of 16; set float8_head=false")
     kept: list[str] = []
 
     def qualifies(module: torch.nn.Module, fqn: str) -> bool:
@@ -82,9 +85,6 @@ def convert_to_float8(model: torch.nn.Module, recipe: str, head: bool = False) -
         elif fqn.rsplit(".", 1)[-1] == "router":
             reason = "MoE router"
         elif module.in_features % 16 or module.out_features % 16:
-            if module is head_linear:
-                raise ConfigError(f"float8_head=true: the output head is {module.in_features}x{module.out_features}, "
-                                  "FP8 needs multiples of 16; set float8_head=false")
             reason = f"{module.in_features}x{module.out_features} not multiples of 16"
         else:
             return True
@@ -287,8 +287,9 @@ class LMModule(L.LightningModule):
         """FP8 matmuls need compute capability 8.9 or newer (Ada, Hopper, Blackwell). On the CPU they are emulated:
         correct (tests), not faster."""
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-            name, cap = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        if cap is not None and cap < (8, 9):
+            name = torch.cuda.get_device_name(device)
             raise ConfigError(f"float8={self.float8} needs a GPU with FP8 matmuls (compute capability 8.9+); "
                               f"{name} has {cap[0]}.{cap[1]}; set float8=false")
 
