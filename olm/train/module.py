@@ -99,7 +99,7 @@ def convert_to_float8(model: torch.nn.Module, recipe: str, head: bool = False) -
             m.is_residual_out = True
     converted = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
     if not converted:
-        raise ConfigError(f"float8={recipe}: no linear layer qualifies; kept: {_listed(kept)}")
+        raise ConfigError(f"float8={recipe}: no linear layer qualifies (set float8=false); kept: {_listed(kept)}")
     return converted, kept
 
 
@@ -255,7 +255,7 @@ class LMModule(L.LightningModule):
         if self.float8 is not None and not getattr(self, "_float8_done", False):
             self._check_float8_device()
             if self.float8_head and self._fused_ce is not None:
-                raise ConfigError(f"float8_head=true does not apply with fused_loss={self.fused_loss} (liger-kernel's fused "
+                raise ConfigError(f"float8_head=true does not apply with fused_loss={str(self.fused_loss).lower()} (liger-kernel's fused "
                                   "loss multiplies by the head weight itself); set fused_loss=false or float8_head=false")
             # Before compiling, so that the casts compile with the matmuls; eager, each cast is a kernel of its own.
             converted, kept = convert_to_float8(self.model, self.float8, head=self.float8_head)
