@@ -265,9 +265,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--compile-options", nargs="*", default=[], help="inductor options, e.g. coordinate_descent_tuning=true")
     parser.add_argument("--fused-loss", default="false", type=lambda v: {"true": True, "false": False}.get(v, v))
     parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--float8", default="false", choices=["false", "tensorwise", "rowwise"],
-                        help="FP8 matmuls in the linear layers (torchao), as olm-train's float8 key")
-    parser.add_argument("--float8-head", action="store_true", help="with --float8: the output head in FP8 too")
+    throughput.add_float8_arguments(parser)
     parser.add_argument("--override", nargs="*", default=[])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--gradient-compression", default="none", choices=["none", "bf16", "fp16"], help="DDP: under torchrun, or --path lightning")

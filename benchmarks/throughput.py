@@ -69,6 +69,13 @@ def make_module(model_cfg: dict, args, compile: bool):
                     float8=False if args.float8 == "false" else args.float8, float8_head=args.float8_head)
 
 
+def add_float8_arguments(parser: argparse.ArgumentParser) -> None:
+    """--float8 and --float8-head, as olm-train's float8 and float8_head keys (read by make_module)."""
+    parser.add_argument("--float8", default="false", choices=["false", "tensorwise", "rowwise"],
+                        help="FP8 matmuls in the linear layers (torchao), as olm-train's float8 key")
+    parser.add_argument("--float8-head", action="store_true", help="with --float8: the output head in FP8 too")
+
+
 def parse_options(items: list[str]) -> dict:
     """["bucket_cap_mb=100", "gradient_as_bucket_view=true"] -> {"bucket_cap_mb": 100, ...} (values read as YAML)."""
     import yaml
@@ -356,9 +363,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--ddp-options", nargs="*", default=[], help="trainer.strategy keys for DDP, e.g. bucket_cap_mb=100")
     parser.add_argument("--fused-loss", default="false", type=lambda v: {"true": True, "false": False}.get(v, v))
     parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--float8", default="false", choices=["false", "tensorwise", "rowwise"],
-                        help="FP8 matmuls in the linear layers (torchao), as olm-train's float8 key")
-    parser.add_argument("--float8-head", action="store_true", help="with --float8: the output head in FP8 too")
+    add_float8_arguments(parser)
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"])
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.num_layers=2")
     parser.add_argument("--devices", type=int, default=1, help="GPUs (or CPU processes) for the lightning path")

@@ -27,6 +27,7 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 COMPILE_SCOPES = ("model", "blocks")
 # torchao's FP8 training recipes (dynamic scaling): one scale per tensor, or per row (finer, slower kernels).
 FLOAT8_RECIPES = ("tensorwise", "rowwise")
+TORCHAO_MISSING = "float8={} needs torchao (pip install 'olm[perf]')"
 
 
 def _dotted(options: dict, prefix: str = "") -> dict[str, Any]:
@@ -70,7 +71,7 @@ def convert_to_float8(model: torch.nn.Module, recipe: str, head: bool = False) -
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as e:
-        raise ConfigError(f"float8={recipe} needs torchao (pip install 'olm[perf]')") from e
+        raise ConfigError(TORCHAO_MISSING.format(recipe)) from e
     head_linear = getattr(getattr(model, "head", None), "linear", None)
     if head and not isinstance(head_linear, torch.nn.Linear):
         raise ConfigError("float8_head=true: this model has no output-head linear layer to convert; set float8_head=false")
@@ -78,6 +79,7 @@ def convert_to_float8(model: torch.nn.Module, recipe: str, head: bool = False) -
         raise ConfigError(f"float8_head=true: the output head is {head_linear.in_features}x{head_linear.out_features}, "
                           "FP8 needs multiples of 16; set float8_head=false")
     kept: list[str] = []
+    converted: list[str] = []
 
     def qualifies(module: torch.nn.Module, fqn: str) -> bool:
         if module is head_linear and not head:
@@ -87,6 +89,7 @@ def convert_to_float8(model: torch.nn.Module, recipe: str, head: bool = False) -
         elif module.in_features % 16 or module.out_features % 16:
             reason = f"{module.in_features}x{module.out_features} not multiples of 16"
         else:
+            converted.append(fqn)
             return True
         kept.append(f"{fqn} ({reason})")
         return False
@@ -97,10 +100,9 @@ def convert_to_float8(model: torch.nn.Module, recipe: str, head: bool = False) -
     for name, m in model.named_modules():
         if name in marked:
             m.is_residual_out = True
-    converted = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
     if not converted:
         raise ConfigError(f"float8={recipe}: no linear layer qualifies (set float8=false); kept: {_listed(kept)}")
-    return converted, kept
+    return len(converted), kept
 
 
 def inductor_options(mode: str, options: dict[str, Any] | None) -> dict[str, Any]:
@@ -224,7 +226,7 @@ class LMModule(L.LightningModule):
         if float8_head and self.float8 is None:
             raise ConfigError("float8_head=true needs float8 on (float8=tensorwise or rowwise)")
         if self.float8 is not None and importlib.util.find_spec("torchao") is None:  # before any data or process starts
-            raise ConfigError(f"float8={self.float8} needs torchao (pip install 'olm[perf]')")
+            raise ConfigError(TORCHAO_MISSING.format(self.float8))
         self.float8_head = float8_head
         # Checked (importing inductor takes seconds) when compiling, or when set without compile=true.
         options_set = any(compile_options.values()) if isinstance(compile_options, dict) else bool(compile_options)
