@@ -13,29 +13,22 @@ value, the closest valid name and the valid ones.
 Third-party packages add components without forking olm through the entry point group ``olm.components`` (each entry
 point names a module to import) or by listing modules under ``imports:`` in a model config.
 
-This module imports nothing of olm.
+This module imports nothing of olm but the error types (olm.errors).
 """
 
 from __future__ import annotations
 
 import contextvars
-import difflib
 import importlib
 import inspect
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
+from olm.errors import ConfigError, OlmError, did_you_mean
+
+__all__ = ["ConfigError", "OlmError", "register", "get", "build", "entries", "names", "kinds", "describe"]
 ENTRY_POINT_GROUP = "olm.components"
-
-
-class OlmError(Exception):
-    """An error olm reports as one line (``error: ...``, non-zero exit) rather than a traceback: a mistake in the
-    input (config, data, checkpoint) or a fault of the run's environment (NaN loss, full disk). Bugs are not OlmErrors."""
-
-
-class ConfigError(OlmError, ValueError):
-    """A configuration mistake, reported as one line that names the config path and the allowed values."""
 
 
 @dataclass(frozen=True)
@@ -148,10 +141,7 @@ def names(kind: str) -> list[str]:
 
 
 def _suggest(value: str, valid: Iterable[str]) -> str:
-    valid = list(valid)
-    close = difflib.get_close_matches(str(value), valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ";"
-    return f"{hint} known: {', '.join(valid) if valid else '(none)'}"
+    return did_you_mean(value, valid)
 
 
 def get(kind: str, name: str, path: str | None = None) -> Entry:
