@@ -43,30 +43,27 @@ sys.path.insert(0, str(ROOT))
 
 def model_config(preset: str, vocab_size: int, seq_len: int, overrides: list[str]) -> dict:
     """The model node of conf/model/<preset>.yaml, composed by Hydra as olm-train would."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
-    from olm.train.app import CONF_DIR
-    from olm.train.schema import register_configs
+    from olm.train.compose import compose
 
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={preset}", f"data.seq_len={seq_len}", *overrides])
-    with open_dict(cfg):
-        cfg.data.vocab_size = vocab_size
+    cfg = compose([f"model={preset}", f"data.seq_len={seq_len}", f"data.vocab_size={vocab_size}", *overrides])
     return OmegaConf.to_container(cfg.model, resolve=True)
 
 
 def make_module(model_cfg: dict, args, compile: bool):
+    from olm.train.config import OptimConfig, SchedulerConfig, speed_config
     from olm.train.module import LMModule
 
-    optim = {"lr": 6e-4, "weight_decay": 0.1, "betas": [0.9, 0.95], "fused": True}  # fused AdamW on GPU and CPU
-    return LMModule(model_cfg, optim, {"name": "cosine", "warmup_steps": 10}, max_steps=args.warmup + args.steps,
-                    log_every_n_steps=args.log_every, compile=compile, fused_loss=args.fused_loss,
-                    activation_checkpointing=args.activation_checkpointing, attention_backend=args.attention_backend,
-                    compile_mode=args.compile_mode, compile_scope=args.compile_scope,
-                    compile_options=parse_options(args.compile_options),
-                    float8=False if args.float8 == "false" else args.float8, float8_head=args.float8_head)
+    optim = OptimConfig(lr=6e-4, weight_decay=0.1, betas=[0.9, 0.95], fused=True)  # fused AdamW on GPU and CPU
+    speed = speed_config(dict(
+        compile=compile, fused_loss=args.fused_loss, activation_checkpointing=args.activation_checkpointing,
+        attention_backend=args.attention_backend, compile_mode=args.compile_mode, compile_scope=args.compile_scope,
+        compile_options=parse_options(args.compile_options) or {},
+        float8=False if args.float8 == "false" else args.float8, float8_head=args.float8_head,
+    ))
+    return LMModule(model_cfg, optim, SchedulerConfig(name="cosine", warmup_steps=10), speed,
+                    max_steps=args.warmup + args.steps, log_every_n_steps=args.log_every)
 
 
 def add_float8_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +174,7 @@ def hf_loop(model_cfg, batch_size, args) -> dict:
     embeddings, as olm), bf16 autocast, clipping; with --compile, forward and loss compiled as one function."""
     import torch.nn.functional as F
 
-    from olm.train.module import parameter_groups
+    from olm.train.optim import parameter_groups
 
     model = hf_model(model_cfg).to(args.device)
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95),
@@ -276,7 +273,7 @@ def lightning_loop(model_cfg, batch_size, args, callbacks=(), extra_steps: int =
     strategy = args.strategy
     if strategy == "ddp" and (args.gradient_compression != "none" or args.ddp_options):
         strategy = {"name": "ddp", "gradient_compression": args.gradient_compression, **parse_options(args.ddp_options)}
-    strategy = resolve_strategy({"strategy": strategy})["strategy"]
+    strategy = resolve_strategy(strategy)
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=args.devices, strategy=strategy,
         precision="bf16-mixed" if args.device == "cuda" else "32-true",

@@ -2,7 +2,7 @@
 
 from typing import Any, Mapping
 
-from olm.registry import ConfigError
+from olm.errors import ConfigError
 
 __version__ = "0.1.0"
 

@@ -6,66 +6,134 @@ import argparse
 import sys
 from pathlib import Path
 
-from olm.registry import ConfigError
+from olm.errors import ConfigError
 
 
 def cmd_components(args) -> int:
-    from olm import registry
+    import shutil
+    import textwrap
 
+    from olm import registry
+    from olm.train.schema import PROVIDED_BY_KIND  # imports only the registry: `olm` stays quick to start
+
+    columns = shutil.get_terminal_size().columns
     for kind in [args.kind] if args.kind else registry.kinds():
-        print(f"{kind}:")
+        # A parent block fills these in, so a config may not set them: listing them would invite an error.
+        provided = PROVIDED_BY_KIND.get(kind, set())
+        header = f"{kind}:"
+        if provided:
+            header += f" (set by the enclosing block: {', '.join(sorted(provided))})"
+        print(textwrap.fill(header, columns, subsequent_indent="    ", break_on_hyphens=False))
         for entry in registry.entries(kind):
-            print(f"  {registry.describe(entry)}")
+            text = registry.describe(entry, skip=provided, width=columns - 2)  # entries are indented by two
+            print("\n".join(f"  {line}" for line in text.splitlines()))
     return 0
 
 
-def load_model_and_tokenizer(ckpt: str):
-    """A model (and its tokenizer when known) from an exported model dir, a run dir, or a Lightning .ckpt file."""
+def _run_checkpoint(run_dir: Path) -> Path | None:
+    """``checkpoints/last.ckpt`` of a run dir, else its newest ``checkpoints/*.ckpt``, else None.
+
+    The choice of olm.train.callbacks.latest_checkpoint, kept here so `olm` starts without the training stack.
+    """
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    candidates = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def _model_from_checkpoint(path: Path):
     from olm.nn import Block
-
-    path = Path(ckpt)
-    tokenizer = None
-    if path.is_dir():
-        model_dir = path / "model" if (path / "model" / "config.json").is_file() else path
-        model = Block.load(model_dir)
-        if (model_dir / "tokenizer").is_dir():
-            from olm.data import load_tokenizer
-
-            tokenizer = load_tokenizer(model_dir / "tokenizer")
-        return model, tokenizer
-    from olm.nn.structure import Block as _Block
     from olm.train.checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
     meta = state.get("olm") or {}
     if "model_config" not in meta:
         raise ConfigError(f"checkpoint {str(path)!r} has no olm model config; was it written by olm-train?")
-    model = _Block.from_config(meta["model_config"])
+    model = Block.from_config(meta["model_config"])
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(weights)
-    run_tokenizer = path.parent.parent / "model" / "tokenizer"
-    if run_tokenizer.is_dir():
-        from olm.data import load_tokenizer
+    return model
 
-        tokenizer = load_tokenizer(run_tokenizer)
-    return model, tokenizer
+
+def load_model_and_tokenizer(ckpt: str, require_tokenizer: bool = False):
+    """A model and its tokenizer from an exported model dir, a run dir, or a Lightning .ckpt file.
+
+    A run dir gives its exported ``model/``, else its last checkpoint. The tokenizer is the one saved with the
+    model or run, else None; with ``require_tokenizer``, the byte tokenizer for a model whose vocabulary is the
+    256 bytes, and a ConfigError saying where the tokenizer should be for any other.
+    """
+    from olm.nn import Block
+
+    path = Path(ckpt)
+    if not path.exists():
+        raise ConfigError(f"--ckpt {str(path)!r} does not exist; give a .ckpt file, a run dir or a model dir")
+    if path.is_dir() and (path / "model" / "config.json").is_file():
+        model_dir = path / "model"
+        model, tokenizer_dir = Block.load(model_dir), model_dir / "tokenizer"
+    elif path.is_dir() and (path / "config.json").is_file():
+        model, tokenizer_dir = Block.load(path), path / "tokenizer"
+    elif path.is_dir():
+        checkpoint = _run_checkpoint(path)
+        if checkpoint is None:
+            raise ConfigError(
+                f"--ckpt {str(path)!r} holds no model: looked for model/config.json, config.json "
+                "and checkpoints/*.ckpt"
+            )
+        model, tokenizer_dir = _model_from_checkpoint(checkpoint), path / "model" / "tokenizer"
+    else:  # a checkpoint file, normally <run>/checkpoints/<name>.ckpt
+        model, tokenizer_dir = _model_from_checkpoint(path), path.parent.parent / "model" / "tokenizer"
+
+    from olm.data import ByteTokenizer, load_tokenizer
+
+    if tokenizer_dir.is_dir():
+        return model, load_tokenizer(tokenizer_dir)
+    if not require_tokenizer:
+        return model, None
+    if model.vocab_size == ByteTokenizer.vocab_size:
+        return model, ByteTokenizer()
+    raise ConfigError(
+        f"no tokenizer found for --ckpt {str(path)!r}: expected one in {str(tokenizer_dir)!r} (the model's "
+        f"vocab_size={model.vocab_size} is not the byte tokenizer's {ByteTokenizer.vocab_size})"
+    )
+
+
+def _check_generate_args(args) -> None:
+    """One-line errors for sampling flags out of range, before any model is loaded."""
+    if not args.prompt:
+        raise ConfigError("--prompt is empty; give at least one character to continue")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p={args.top_p} must be in (0, 1] (1 keeps every token)")
+    if not args.temperature >= 0:  # also rejects nan
+        raise ConfigError(f"--temperature={args.temperature} must be >= 0 (0 is greedy)")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k={args.top_k} must be >= 0 (0 keeps every token)")
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
 
 
 def cmd_generate(args) -> int:
+    _check_generate_args(args)
     import torch
 
     from olm.generate import generate
 
-    model, tokenizer = load_model_and_tokenizer(args.ckpt)
-    if tokenizer is None:
-        from olm.data import ByteTokenizer
-
-        tokenizer = ByteTokenizer()
+    model, tokenizer = load_model_and_tokenizer(args.ckpt, require_tokenizer=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     prompt = torch.tensor(tokenizer.encode(args.prompt), device=device)
+    if len(prompt) == 0:
+        raise ConfigError(f"--prompt={args.prompt!r} encodes to no tokens; give text the tokenizer encodes")
+    if len(prompt) + args.max_new_tokens > model.max_seq_len:
+        window = max(model.max_seq_len - 1, 1)
+        print(
+            f"note: prompt ({len(prompt)} tokens) + --max-new-tokens={args.max_new_tokens} exceed the "
+            f"model's context (max_seq_len={model.max_seq_len}); each token is predicted from the last "
+            f"{window} tokens",
+            file=sys.stderr,
+        )
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed)
+                   top_p=args.top_p, seed=args.seed, slide_context=True)
     print(tokenizer.decode(out[0].tolist()))
     return 0
 
@@ -83,7 +151,24 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
+def config_presets() -> list[str]:
+    """The options of the ``model`` config group (olm's tree and any team tree on the search path)."""
+    from hydra.core.object_type import ObjectType
+
+    from olm.train.compose import hydra_app
+
+    with hydra_app() as app:
+        options = app.config_loader.get_group_options("model", ObjectType.CONFIG)
+    return [o for o in options if not o.startswith("schema")]
+
+
 def cmd_models(args) -> int:
+    """Every model preset: the zoo's (checked against the published parameter counts) and the config tree's own
+    (olm's lm_tiny, lm_small, llama_small, ... and a team's), composed as olm-train would with the default data."""
+    import torch
+
+    import olm
+    from olm.train.compose import compose
     from olm.zoo import PRESETS, count_parameters
 
     print(f"{'preset':<14} {'family':<8} {'params':>8} {'published':>10} {'context':>8}  source")
@@ -94,6 +179,17 @@ def cmd_models(args) -> int:
         published = _count(preset.published_params) if preset.published_params else "-"
         print(f"{name:<14} {preset.family:<8} {_count(count_parameters(config)):>8} {published:>10} "
               f"{config['max_seq_len']:>8}  {preset.source or 'toy size for tests'}")
+    if args.family and args.family != "config":
+        return 0
+    for name in config_presets():
+        if name in PRESETS:
+            continue
+        cfg = compose([f"model={name}"])
+        with torch.device("meta"):
+            model = olm.build_model(cfg.model)
+        vocab = f"data vocab {cfg.data.vocab_size}"
+        print(f"{name:<14} {'config':<8} {_count(model.num_parameters()):>8} {'-':>10} {model.max_seq_len:>8}  "
+              f"conf/model/{name}.yaml ({vocab})")
     return 0
 
 
@@ -116,17 +212,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="olm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("components", help="list registered components with their parameters")
+    p = sub.add_parser("components", help="list registered components with the parameters a config may set")
     p.add_argument("kind", nargs="?", help="only this kind (attention, norm, ffn, position, block, head, model, ...)")
     p.set_defaults(func=cmd_components)
 
-    p = sub.add_parser("generate", help="sample text from a checkpoint, run dir or exported model dir")
-    p.add_argument("--ckpt", required=True, help="a .ckpt file, a run dir, or a model dir written by Block.save")
-    p.add_argument("--prompt", default="def ")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p = sub.add_parser(
+        "generate", help="sample text from a checkpoint, run dir or exported model dir",
+        description="Sample text from a checkpoint, run dir or exported model dir. Past the model's context "
+        "(max_seq_len), the window slides: each new token is predicted from the last max_seq_len - 1 tokens "
+        "(a note on stderr says so).",
+    )
+    p.add_argument("--ckpt", required=True,
+                   help="a .ckpt file, a run dir (its model/, else checkpoints/last.ckpt or the newest "
+                   "*.ckpt), or a model dir written by Block.save")
+    p.add_argument("--prompt", default="def ", help="text to continue (not empty)")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help=">= 0; may exceed the context: the window then slides over the last "
+                   "max_seq_len - 1 tokens")
+    p.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=50,
+                   help="sample among the k most likely tokens; >= 0, 0 keeps all")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="sample among the most likely tokens holding this much probability; in (0, 1], "
+                   "1 keeps all")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
@@ -139,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("models", help="list the model zoo presets: family, parameter count, context length")
-    p.add_argument("--family", help="only this family (gpt2, llama, mistral, qwen2, gemma2, phi3, olmo, opt, mixtral)")
+    p.add_argument("--family", help="only this family (gpt2, llama, mistral, qwen2, gemma2, phi3, olmo, opt, "
+                                    "mixtral; config: the config tree's own presets)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("convert", help="convert between Hugging Face checkpoint dirs and olm model dirs (safetensors)")
@@ -161,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `olm components | head`: the reader has gone, which is not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

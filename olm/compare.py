@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from olm.registry import ConfigError
+from olm.errors import ConfigError
 
 METRICS = {"val_loss": "val loss", "val_bpb": "val bits/byte"}
 FORMATS = ("md", "csv", "json")

@@ -38,3 +38,15 @@ def did_you_mean(value: object, valid: Iterable[str], what: str = "known") -> st
     match = closest(value, valid)
     hint = f"; did you mean {match!r}?" if match else ";"
     return f"{hint} {what}: {', '.join(valid) if valid else '(none)'}"
+
+
+def config_error_cause(exc: BaseException) -> ConfigError | None:
+    """The ConfigError behind ``exc`` (itself, or one an OmegaConf resolver raised, wrapped once per
+    interpolation it was reached through), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ConfigError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -1,4 +1,5 @@
-"""Sampling from an olm LM with a KV cache: the prompt is encoded once, then one position per step."""
+"""Sampling from an olm LM with a KV cache: the prompt is encoded once, then one position per step (a full
+context window is encoded afresh for each step once it slides)."""
 
 from __future__ import annotations
 
@@ -31,10 +32,14 @@ def generate(
     seed: int | None = None,
     eos_id: int | None = None,
     use_cache: bool = True,
+    slide_context: bool = False,
 ) -> torch.Tensor:
     """Continue ``prompt`` (B, T) by up to ``max_new_tokens``; temperature 0 is greedy. Returns (B, T + new).
 
-    Generation stops early at the model's max_seq_len, or when every row has produced ``eos_id``.
+    Each token is predicted from at most the last ``model.max_seq_len - 1`` tokens (the context window). When
+    the sequence outgrows the window, generation stops (a longer prompt comes back unchanged), or with
+    ``slide_context`` continues on the last window of tokens. Generation also stops when every row has
+    produced ``eos_id``.
     """
     if prompt.ndim == 1:
         prompt = prompt[None]
@@ -45,19 +50,27 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=prompt.device).manual_seed(seed)
-    budget = min(max_new_tokens, model.max_seq_len - prompt.shape[1])
-    cache = model.make_cache(prompt.shape[0], prompt.shape[1] + max(budget, 0)) if use_cache else None
-    tokens, step_input = prompt, prompt
+    window = max(model.max_seq_len - 1, 1)
+    steps = max_new_tokens if slide_context else min(max_new_tokens, model.max_seq_len - prompt.shape[1])
+    cache = model.make_cache(prompt.shape[0], window) if use_cache else None
+    tokens = prompt
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    for _ in range(max(budget, 0)):
-        logits = model(step_input if use_cache else tokens, cache)[:, -1, : model.vocab_size].float()  # (B, V)
+    for step in range(max(steps, 0)):
+        if use_cache and 0 < step and cache[0].length < window:
+            step_input = tokens[:, -1:]  # the cache holds every earlier token of the window
+        else:
+            # The first step, no cache, or a full cache: encode the last window afresh. Rewinding the cache
+            # rather than shifting it keeps the positions (RoPE, learned tables) of a plain forward pass.
+            step_input = tokens[:, -window:]
+            for layer in cache or []:
+                layer.length = 0
+        logits = model(step_input, cache)[:, -1, : model.vocab_size].float()  # (B, V)
         if temperature <= 0:
             next_token = logits.argmax(-1, keepdim=True)
         else:
             probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             next_token = torch.multinomial(probs, 1, generator=generator)
         tokens = torch.cat([tokens, next_token], dim=1)
-        step_input = next_token
         if eos_id is not None:
             finished |= next_token.squeeze(1) == eos_id
             if finished.all():

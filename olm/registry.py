@@ -65,8 +65,19 @@ def where(key: str) -> str:
 
 
 def _first_doc_line(obj: Any) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    """The first sentence of ``obj``'s docstring as one line, however many lines it wraps over.
+
+    The sentence ends at a period followed by a space or a line end, or at a blank line; a period inside
+    parentheses ("(Press et al. 2022)") does not end it.
+    """
+    paragraph = (inspect.getdoc(obj) or "").strip().split("\n\n")[0]
+    text = " ".join(paragraph.split())
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "." and depth <= 0 and text[i + 1 : i + 2] in ("", " "):
+            return text[: i + 1]
+    return text
 
 
 def _signature_params(cls: Callable) -> dict[str, Param]:
@@ -120,7 +131,13 @@ def load_plugins() -> None:
 
 
 def import_modules(modules: Iterable[str], path: str = "imports") -> None:
-    """Import the modules a config lists under ``imports:`` so their components register."""
+    """Import the modules a config lists under ``imports:`` so their components register. Modules in the working
+    directory are found too (a team's blocks beside its configs), after installed packages."""
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     for i, module in enumerate(modules):
         if not isinstance(module, str) or not module:
             raise ConfigError(f"{path}[{i}]={module!r} must be a module name (a non-empty string)")
@@ -263,10 +280,17 @@ def build(kind: str, spec: Any, path: str | None = None, default_name: str | Non
         _current_path.reset(token)
 
 
-def describe(entry: Entry) -> str:
-    """``name(param: type = default, ...)  doc`` for ``olm components``."""
+def describe(entry: Entry, skip: Iterable[str] = (), width: int | None = None) -> str:
+    """``name(param: type = default, ...)  doc`` for ``olm components``, without the parameters in ``skip``.
+
+    With ``width``, the text is wrapped to that many columns, breaking only between parameters and between words
+    of the doc, with continuation lines indented by four spaces.
+    """
+    skip = set(skip)
     parts = []
     for p in entry.params.values():
+        if p.name in skip:
+            continue
         ann = p.annotation
         if ann is inspect.Parameter.empty:
             ann = ""
@@ -276,4 +300,19 @@ def describe(entry: Entry) -> str:
         if not p.required:
             text += f" = {p.default!r}"
         parts.append(text)
-    return f"{entry.name}({', '.join(parts)})  {entry.doc}".rstrip()
+    one_line = f"{entry.name}({', '.join(parts)})  {entry.doc}".rstrip()
+    if width is None or len(one_line) <= width:
+        return one_line
+    # Wrapped: the signature breaks only between parameters ("out_bias: bool | None = None" stays whole), and the
+    # doc starts on a line of its own so it does not read as one more parameter.
+    signature = [f"{text}," for text in parts[:-1]] + [f"{parts[-1]})" if parts else ")"]
+    signature[0] = f"{entry.name}({signature[0]}"
+    lines: list[str] = []
+    for group in (signature, entry.doc.split()):
+        group_start = len(lines)  # each group starts on a new line
+        for piece in group:
+            if len(lines) > group_start and len(lines[-1]) + 1 + len(piece) <= width:
+                lines[-1] += " " + piece
+            else:
+                lines.append(("    " if lines else "") + piece)
+    return "\n".join(lines)

@@ -7,8 +7,10 @@ import functools
 import pytest
 import torch
 
-from olm.registry import ConfigError
-from olm.train.module import LMModule, inductor_options
+from olm.errors import ConfigError
+from olm.train.config import OptimConfig, SchedulerConfig, speed_config
+from olm.train.module import LMModule
+from olm.train.speed import inductor_options
 from olm.train.strategies import resolve_strategy
 
 CFG = {"name": "lm", "vocab_size": 64, "embed_dim": 32, "num_heads": 2, "num_layers": 3, "max_seq_len": 16,
@@ -16,7 +18,8 @@ CFG = {"name": "lm", "vocab_size": 64, "embed_dim": 32, "num_heads": 2, "num_lay
 
 
 def module(**kwargs):
-    return LMModule(CFG, {"lr": 1e-3}, {"name": "constant"}, max_steps=10, fused_loss=False, **kwargs)
+    return LMModule(CFG, OptimConfig(lr=1e-3), SchedulerConfig(name="constant", warmup_steps=0),
+                    speed_config({"fused_loss": False, **kwargs}), max_steps=10)
 
 
 @pytest.mark.parametrize("scope", ["model", "blocks"])
@@ -72,12 +75,12 @@ def test_ddp_gradient_compression_sets_torchs_comm_hook_on_gpus(compression, hoo
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     cfg = {"accelerator": "gpu", "strategy": {"name": "ddp", "gradient_compression": compression, "bucket_cap_mb": 50}}
-    strategy = resolve_strategy(cfg)["strategy"]
+    strategy = resolve_strategy(cfg["strategy"], cfg["accelerator"])
     assert strategy._ddp_comm_hook is (getattr(default_hooks, hook) if hook else None)
     assert strategy._ddp_kwargs["bucket_cap_mb"] == 50
     assert strategy._ddp_kwargs["gradient_as_bucket_view"] is True  # olm's default: no copy back out of the buckets
     cfg["strategy"] = {**cfg["strategy"], "gradient_as_bucket_view": False}
-    assert resolve_strategy(cfg)["strategy"]._ddp_kwargs["gradient_as_bucket_view"] is False  # explicit wins
+    assert resolve_strategy(cfg["strategy"], cfg["accelerator"])._ddp_kwargs["gradient_as_bucket_view"] is False  # explicit wins
 
 
 @pytest.mark.parametrize("accelerator", ["cpu", "auto"])
@@ -85,8 +88,8 @@ def test_gradient_compression_without_gpus_is_a_one_line_error(accelerator, monk
     """Lightning registers comm hooks on CUDA only: on CPU the setting would silently do nothing."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"^trainer.strategy.gradient_compression=fp16 needs GPUs .* on CPU use none$"):
-        resolve_strategy({"accelerator": accelerator, "strategy": {"name": "ddp", "gradient_compression": "fp16"}})
-    assert resolve_strategy({"accelerator": accelerator, "strategy": {"name": "ddp", "gradient_compression": "none"}})
+        resolve_strategy({"name": "ddp", "gradient_compression": "fp16"}, accelerator)
+    assert resolve_strategy({"name": "ddp", "gradient_compression": "none"}, accelerator)
 
 
 def test_ddp_gradient_compression_hook_rounds_to_bf16(tmp_path):

@@ -5,11 +5,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 import olm
-from olm.train.app import CONF_DIR
-from olm.train.schema import register_configs
+from olm.train.config import conf_dir, register_configs
+
+CONF_DIR = conf_dir()
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
@@ -18,8 +19,6 @@ def compose_train(overrides=()):
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.data.vocab_size = cfg.data.vocab_size or 256
     return cfg
 
 
@@ -32,7 +31,7 @@ def test_every_model_preset_composes_and_builds(preset):
     cfg = compose_train([f"model={preset}", "model.num_layers=1"])
     with torch.device("meta"):  # shapes only: the 27B presets build in milliseconds
         model = olm.build_model(cfg.model)
-    assert model.vocab_size == 256 and len(model.blocks) == 1
+    assert model.vocab_size == 4096 and len(model.blocks) == 1  # the default BPE's size, known before training it
 
 
 def test_gpt2_small_shape():

@@ -3,8 +3,6 @@ that runs or in a clean one-line error naming a key; never a traceback from deep
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +11,9 @@ from omegaconf import OmegaConf, open_dict
 
 import olm
 from olm.registry import ConfigError
-from olm.train.app import _fill_vocab_and_check, compose_run_config, one_line_error, validate_config
+from olm.train.checks import check_run
+from olm.train.compose import compose as compose_run_config
+from olm.train.outcome import one_line_error
 
 BASE = ["data.tokenizer=byte", "data.seq_len=32", "trainer=cpu", "logger=none"]
 # key -> values: valid ones, and the mistakes people make (typos, wrong types, zero, negative, out of range)
@@ -66,8 +66,9 @@ def outcome(overrides: list[str]) -> str:
         with open_dict(cfg):
             cfg.paths.output_dir = "/nonexistent"
             cfg.name = "fuzz"
-        validate_config(cfg)
-        _fill_vocab_and_check(cfg, SimpleNamespace(vocab_size=256))  # the byte tokenizer's vocabulary
+        check_run(cfg, memory=False)
+        if cfg.model.vocab_size < 256:  # what the run checks against the byte tokenizer once it exists
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary")
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         if isinstance(model_cfg.get("embed_dim"), int) and model_cfg["embed_dim"] > 256:  # a large preset: shapes only
             with torch.device("meta"):

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from olm.train.app import CONF_DIR
-from olm.train.schema import register_configs
+from olm.train.config import conf_dir, register_configs
 
-OLM_TRAIN = [sys.executable, "-m", "olm.train.app"]
+CONF_DIR = conf_dir()
+
+OLM_TRAIN = [sys.executable, "-m", "olm.train"]
 TINY = ["model=lm_tiny", "data.tokenizer=byte", "data.seq_len=32", "data.val_batches=2", "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false", "sample.max_new_tokens=0", "export=false"]
 
@@ -48,7 +49,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     assert s_ddp["val_loss"] == pytest.approx(s_one["val_loss"], abs=2e-5)
     # rank 0 alone writes the run's records: one W&B run, one metrics file, rank 1 only its log
     assert len(list((tmp_path / "ddp" / "wandb").glob("offline-run-*"))) == 1
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if p.suffix == ".log") == ["app.log", "rank1.log"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if p.suffix == ".log") == ["rank1.log", "train.log"]
 
 
 @pytest.mark.slow
@@ -88,12 +89,12 @@ def test_strategies_resolve():
     from olm.registry import ConfigError
     from olm.train.strategies import resolve_strategy
 
-    assert isinstance(resolve_strategy({"strategy": "ddp"})["strategy"], DDPStrategy)
-    fsdp = resolve_strategy({"strategy": {"name": "fsdp", "activation_checkpointing": True}})["strategy"]
+    assert isinstance(resolve_strategy("ddp"), DDPStrategy)
+    fsdp = resolve_strategy({"name": "fsdp", "activation_checkpointing": True})
     assert isinstance(fsdp, FSDPStrategy)
-    assert resolve_strategy({"strategy": "auto"})["strategy"] == "auto"
+    assert resolve_strategy("auto") == "auto"
     with pytest.raises(ConfigError, match="trainer.strategy.name='dpp' is not known"):
-        resolve_strategy({"strategy": {"name": "dpp"}})
+        resolve_strategy({"name": "dpp"})
 
 
 def test_slurm_and_torchrun_environments_are_read_as_lightning_expects(monkeypatch):

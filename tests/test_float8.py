@@ -11,8 +11,11 @@ import types
 import pytest
 import torch
 
-from olm.registry import ConfigError
-from olm.train.module import LMModule, convert_to_float8
+from olm.errors import ConfigError
+import olm.train.module
+from olm.train.config import OptimConfig, SchedulerConfig, speed_config
+from olm.train.module import LMModule
+from olm.train.speed import convert_to_float8
 
 from torchao.float8.float8_linear import Float8Linear  # torchao is a test dependency (the dev extra)
 
@@ -21,7 +24,8 @@ CFG = {"name": "lm", "vocab_size": 64, "embed_dim": 32, "num_heads": 2, "num_lay
 
 
 def module(cfg=CFG, **kwargs):
-    return LMModule(cfg, {"lr": 1e-3}, {"name": "constant"}, max_steps=10, fused_loss=False, **kwargs)
+    return LMModule(cfg, OptimConfig(lr=1e-3), SchedulerConfig(name="constant", warmup_steps=0),
+                    speed_config({"fused_loss": False, **kwargs}), max_steps=10)
 
 
 def float8_names(m):
@@ -142,9 +146,9 @@ def test_missing_torchao_and_fused_loss_with_fp8_head_are_one_line_errors(monkey
         convert_to_float8(module().model, "rowwise")
     monkeypatch.undo()
     for fused_loss in (True, "auto"):
-        m = LMModule(CFG, {"lr": 1e-3}, {"name": "constant"}, max_steps=10, fused_loss=fused_loss, float8="tensorwise",
-                     float8_head=True)
-        monkeypatch.setattr(m, "_make_fused_ce", lambda: object())  # as when liger-kernel's fused loss is in use
+        m = module(fused_loss=fused_loss, float8="tensorwise", float8_head=True)
+        # as when liger-kernel's fused loss is in use
+        monkeypatch.setattr(olm.train.module, "fused_cross_entropy", lambda *args: object())
         with pytest.raises(ConfigError, match=f"^float8_head=true does not apply with fused_loss={str(fused_loss).lower()} "):
             m.configure_model()
 

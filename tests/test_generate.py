@@ -56,3 +56,35 @@ def test_top_k_and_top_p_filters():
     probs = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, ...
     kept = torch.isfinite(_filter_logits(logits, None, 0.8))
     assert kept.tolist() == [[True, True, False, False, False]] and probs[0] < 0.8 < probs[:2].sum()
+
+
+def greedy_over_last_window(model, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding by hand: each token is the argmax of a full forward over the last max_seq_len - 1
+    tokens."""
+    tokens = prompt
+    for _ in range(max_new_tokens):
+        logits = model(tokens[:, -(model.max_seq_len - 1) :])[:, -1]
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
+    return tokens
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("position", ["rope", "learned", "alibi"])
+def test_greedy_generation_slides_past_max_seq_len(position, use_cache):
+    torch.manual_seed(0)
+    model = olm.build_model({**TINY, "max_seq_len": 16, "position": position}).eval()
+    prompt = torch.randint(0, 64, (2, 5))
+    out = generate(model, prompt, 30, temperature=0, use_cache=use_cache, slide_context=True)
+    assert out.shape == (2, 35)  # 5 + 30, more than twice the context of 16
+    assert torch.equal(out, greedy_over_last_window(model, prompt, 30))
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_prompt_longer_than_the_context(use_cache):
+    torch.manual_seed(0)
+    model = olm.build_model({**TINY, "max_seq_len": 16}).eval()
+    prompt = torch.randint(0, 64, (1, 40))
+    assert torch.equal(generate(model, prompt, 8, temperature=0, use_cache=use_cache), prompt)  # stops: no room
+    out = generate(model, prompt, 8, temperature=0, use_cache=use_cache, slide_context=True)
+    assert out.shape == (1, 48) and torch.equal(out[:, :40], prompt)
+    assert torch.equal(out, greedy_over_last_window(model, prompt, 8))

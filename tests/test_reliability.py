@@ -29,8 +29,11 @@ import torch
 from omegaconf import open_dict
 
 import olm.train.module  # noqa: F401  (Lightning at collection: its log handler must not bind to a test's capsys)
-from olm.train import app
-from olm.train.app import compose_run_config, run_job
+from olm.train import cli
+from olm.train.cli import run_job
+from olm.train.compose import compose as compose_run_config
+from olm.train.outcome import one_line_error
+from olm.train.run import train
 from olm.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +136,7 @@ def olm_train(args, cache_dir, faults_dir, fault: dict, stdout=subprocess.PIPE, 
         if key.startswith(("SLURM_", "TORCHELASTIC_")) or key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK",
                                                                   "WORLD_SIZE", "RANK", "GROUP_RANK", "WANDB_API_KEY"):
             del env[key]
-    return subprocess.Popen([sys.executable, "-m", "olm.train.app", *TINY, f"paths.cache_dir={cache_dir}", *args],
+    return subprocess.Popen([sys.executable, "-m", "olm.train", *TINY, f"paths.cache_dir={cache_dir}", *args],
                             stdout=stdout, stderr=stderr, text=True, env=env, cwd=ROOT)
 
 
@@ -253,11 +256,11 @@ def resume_and_compare(tmp_path, cache_dir, monkeypatch, run_dir, common):
 
     monkeypatch.setattr(torch, "load", spy)
     resumed = config(tmp_path, cache_dir, [*common, "resume=auto"], name="killed")
-    app.train(resumed)
+    train(resumed)
     assert loads and all(w is True for w in loads), loads  # olm's and Lightning's resume loads: weights_only
     monkeypatch.undo()
     assert not (ckpts / "last.ckpt.tmp").exists()  # the leftover is cleaned up
-    app.train(config(tmp_path, cache_dir, common, name="uninterrupted"))
+    train(config(tmp_path, cache_dir, common, name="uninterrupted"))
     got, expected = losses(run_dir), losses(tmp_path / "uninterrupted")
     assert sorted(expected) == list(range(12))
     assert got == expected
@@ -327,7 +330,7 @@ class Payload:
 
 def test_corrupted_or_unsafe_checkpoints_are_one_line_errors_never_a_fresh_start(tmp_path, cache_dir, capsys, monkeypatch):
     common = ["trainer.max_steps=4", "trainer.val_check_interval=4"]
-    app.train(config(tmp_path, cache_dir, common, name="run"))
+    train(config(tmp_path, cache_dir, common, name="run"))
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
     good = last.read_bytes()
@@ -409,8 +412,8 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, cache_di
 
     # a full disk anywhere else (an export, metrics, ...) is also one line, exit 1
     exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/x/model.safetensors")
-    assert app.one_line_error(exc) == (1, "No space left on device (/x/model.safetensors)")
-    assert app.one_line_error(KeyError("a bug")) is None  # bugs keep their traceback
+    assert one_line_error(exc) == (1, "No space left on device (/x/model.safetensors)")
+    assert one_line_error(KeyError("a bug")) is None  # bugs keep their traceback
 
     import olm
     import safetensors.torch
@@ -494,7 +497,7 @@ def test_wandb_failures_never_stop_training_and_nothing_listens(tmp_path, cache_
     monkeypatch.setattr(Run, "log", broken_log)
     monkeypatch.setattr(ThroughputMonitor, "on_train_batch_end", watch)
     caplog.set_level("WARNING", logger="olm")
-    app.train(config(tmp_path, cache_dir, ["trainer.max_steps=4", "trainer.val_check_interval=4", "logger=wandb",
+    train(config(tmp_path, cache_dir, ["trainer.max_steps=4", "trainer.val_check_interval=4", "logger=wandb",
                                           "logger.mode=online"]))
     run_dir = tmp_path / "run"
     assert summary(run_dir)["status"] == "finished" and len(losses(run_dir)) == 4
@@ -538,7 +541,7 @@ def test_bad_command_lines_are_one_line_errors(case, monkeypatch, capsys):
     overrides, message = BAD_COMMAND_LINES[case]
     monkeypatch.setattr(sys, "argv", ["olm-train", *TINY, *overrides])
     with pytest.raises(SystemExit) as info:
-        app.main()
+        cli.main()
     assert info.value.code == 2
     line = error_line(capsys.readouterr().err)
     assert message in line, line

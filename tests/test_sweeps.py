@@ -18,8 +18,10 @@ from PIL import Image
 import olm
 from olm.cli import main
 from olm.compare import load_runs
-from olm.train.app import CONF_DIR, ROOT
-from olm.train.schema import register_configs
+from olm.train.config import conf_dir, register_configs
+
+CONF_DIR = conf_dir()
+ROOT = Path(__file__).resolve().parents[1]
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml") if p.stem != "smoke")
 OLM_TRAIN = Path(sys.executable).parent / "olm-train"

@@ -9,8 +9,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from olm.train.app import CONF_DIR, train
-from olm.train.schema import register_configs
+from olm.train.config import conf_dir, register_configs
+from olm.train.run import train
+
+CONF_DIR = conf_dir()
 from wandb_records import summarize
 
 TINY_RUN = [
@@ -127,19 +129,23 @@ def test_resume_continues_the_same_wandb_run(tmp_path, cache_dir, caplog):
         time.sleep(0.5)
     wandb_warnings = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]  # why, if rows are missing
     assert steps() == list(range(8)), (steps(), wandb_warnings)
+    # W&B's own step continues too (an offline run cannot ask the server where it was): the resumed part's rows
+    # are at steps 4..7, not at 0..3 again, so the two parts line up as one history.
+    own_steps = [[h["_step"] for h in summarize(f)["history"] if "train/loss" in h] for f in files]
+    assert own_steps == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def test_bad_inputs_fail_before_training(tmp_path, cache_dir):
-    from olm.registry import ConfigError
+    from olm.errors import ConfigError
 
     cases = {
         ("data.batch_size=0",): "data.batch_size=0 must be a positive integer",
         ("data.seq_len=64", "model.max_seq_len=32"): "data.seq_len=64 exceeds model.max_seq_len=32",
         ("model.vocab_size=100",): "model.vocab_size=100 is smaller than the tokenizer's vocabulary (256",
         ("resume=sometimes",): "resume='sometimes' is not known",
-        ("scheduler.name=cosin",): "scheduler.name='cosin' is not known; known: cosine, constant, wsd, linear",
+        ("scheduler.name=cosin",): "scheduler.name='cosin' is not known; did you mean 'cosine'? known: cosine, linear, constant, wsd",
         ("model.num_heads=3",): "model.embed_dim=32 must be divisible by model.num_heads=3",
-        ("float8=fp8",): "float8='fp8' is not known; known: false, true (= tensorwise), tensorwise, rowwise",
+        ("float8=fp8",): "float8='fp8' must be false, true (= tensorwise), tensorwise, rowwise",
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError) as info:

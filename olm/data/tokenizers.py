@@ -212,3 +212,20 @@ def build_tokenizer(name: str = "byte", *, corpus=None, vocab_size: int = 4096, 
     if name == "hf":
         return load_hf(path)
     raise ValueError(f"data.tokenizer={name!r} is not known; known: {', '.join(TOKENIZERS)}")
+
+
+def known_vocab_size(source: str | None, tokenizer: str | None, tokenizer_vocab_size: int | None,
+                     tokenizer_path: str | None) -> int:
+    """The vocabulary size ``data.tokenizer`` will have, known without reading the corpus: 256 for byte,
+    ``data.tokenizer_vocab_size`` for bpe (olm's BPE has exactly that many ids), the size of the tokenizer.json for
+    hf. A ValueError names the key to set when the size cannot be known (a bin source without an hf tokenizer)."""
+    if tokenizer == "hf":
+        return load_hf(tokenizer_path).vocab_size
+    if source == "bin":
+        raise ValueError("data.vocab_size must be set for data.source='bin' (its token ids are read as they are), "
+                         "e.g. data.vocab_size=50304")
+    if tokenizer == "byte":
+        return ByteTokenizer.vocab_size
+    if tokenizer == "bpe":
+        return tokenizer_vocab_size
+    raise ValueError(f"data.tokenizer={tokenizer!r} is not known; known: {', '.join(TOKENIZERS)}")

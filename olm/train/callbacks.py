@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
-from olm.registry import OlmError
+from olm.errors import OlmError
 from olm.train.flops import flops_per_token, peak_flops
 
 
@@ -99,11 +101,33 @@ class _ShowsLastLoss:
 
 
 class LossProgressBar(_ShowsLastLoss, TQDMProgressBar):
-    """Lightning's tqdm progress bar with the last logged training loss."""
+    """Lightning's tqdm progress bar with the last logged training loss, counting steps, not epochs."""
+
+    def on_train_epoch_start(self, trainer, *args):
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description("train")
 
 
 class RichLossProgressBar(_ShowsLastLoss, RichProgressBar):
-    """Lightning's rich progress bar with the last logged training loss."""
+    """Lightning's rich progress bar with the last logged training loss. olm trains for a number of steps in one
+    pass over the data, so the bar says "train", not Lightning's "Epoch 0/-2"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "train"
+
+
+class QuietModelSummary(ModelSummary):
+    """Lightning's model summary without its FLOPs column and total, which are 0 unless a module sets an example
+    input (olm reports FLOPs per token and MFU in metrics.csv instead)."""
+
+    @staticmethod
+    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                  total_flops, **kwargs) -> None:
+        columns = [column for column in summary_data if column[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      total_flops, *columns)
+        kept = [line for line in table.splitlines() if not line.endswith("Total Flops")]
+        logging.getLogger("lightning.pytorch.callbacks.model_summary").info("\n" + "\n".join(kept))
 
 
 def progress_bars(enable_progress_bar) -> list[TQDMProgressBar | RichProgressBar]:
@@ -138,6 +162,11 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero and self.dirpath and os.path.isdir(self.dirpath):
             for leftover in Path(self.dirpath).glob(f"*{self.FILE_EXTENSION}.tmp"):  # from a run killed mid-write
                 leftover.unlink(missing_ok=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run:  # Lightning 2.6 writes last.ckpt here even in a fast dev run, which saves nothing else
+            return
+        super().on_train_end(trainer, pl_module)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         tmp = f"{filepath}.tmp"

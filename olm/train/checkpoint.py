@@ -6,17 +6,18 @@ from pathlib import Path
 
 import torch
 
-from olm.registry import ConfigError
+from olm.errors import ConfigError
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = False) -> dict:
     """Load a Lightning checkpoint with ``weights_only=True``; a missing, truncated or corrupted file is a one-line
-    error naming it (never a silent fresh start)."""
+    error naming it (never a silent fresh start). ``mmap``: tensors stay on disk until read (to read the metadata of
+    a large checkpoint cheaply)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # pickle/zip errors come in many types; all mean the same to the user
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib.util
 import logging
 import math
 import random
@@ -15,230 +15,43 @@ import torch
 import torch.nn.functional as F
 
 import olm
-from olm.registry import ConfigError, OlmError
+from olm.errors import ConfigError, OlmError
+from olm.train.config import OptimConfig, SchedulerConfig, SpeedConfig
+from olm.train.optim import build_optimizer, build_scheduler
+from olm.train.speed import (check_speed, convert_to_float8, float8_recipe, fused_cross_entropy, listed,
+                             select_sdpa_backend)
 
 log = logging.getLogger("olm")
-SCHEDULES = ("cosine", "constant", "wsd", "linear")
-SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-# torch.compile modes olm's training step supports. The CUDA-graph modes (reduce-overhead, max-autotune) are refused:
-# the profiled step keeps the GPU 98% busy, so graphs could win at most ~2%, and they break on tied embeddings.
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-# What one compiled graph covers: the whole model and loss, or each transformer block (plus one for head and loss).
-COMPILE_SCOPES = ("model", "blocks")
-# torchao's FP8 training recipes (dynamic scaling): one scale per tensor, or per row (finer, slower kernels).
-FLOAT8_RECIPES = ("tensorwise", "rowwise")
-TORCHAO_MISSING = "float8={} needs torchao (pip install 'olm[perf]')"
-
-
-def _dotted(options: dict, prefix: str = "") -> dict[str, Any]:
-    """{"triton": {"cudagraphs": True}} (as Hydra builds it from triton.cudagraphs=true) -> {"triton.cudagraphs": True}."""
-    flat = {}
-    for key, value in options.items():
-        if isinstance(value, dict):
-            flat.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def float8_recipe(value: Any) -> str | None:
-    """The ``float8`` config value as a torchao recipe name (true means tensorwise), or None when off."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return "tensorwise"
-    if value not in FLOAT8_RECIPES:
-        raise ConfigError(f"float8={value!r} is not known; known: false, true (= tensorwise), {', '.join(FLOAT8_RECIPES)}")
-    return value
-
-
-def _listed(items: list[str], limit: int = 4) -> str:
-    """'a; b; c; d; and 7 more': a long list kept to one readable line."""
-    shown = "; ".join(items[:limit]) or "none"
-    return f"{shown}; and {len(items) - limit} more" if len(items) > limit else shown
-
-
-def convert_to_float8(model: torch.nn.Module, recipe: str, head: bool = False) -> tuple[int, list[str]]:
-    """Swap ``model``'s linear layers for torchao's ``Float8Linear`` in place: their matmuls run in FP8 with scales
-    computed each step (``recipe``: tensorwise or rowwise), master weights and optimizer state stay as they were.
-    The weights are the same parameters, so ties and state-dict names (checkpoints, exports) do not change.
-
-    Kept as they are: layers whose dimensions are not multiples of 16 (FP8 matmul kernels need them), MoE routers
-    (routing decisions are sensitive to rounding), and the output head unless ``head``; MoE experts are not
-    nn.Linear layers and stay as they are too. Returns how many layers were converted and the kept ones with the
-    reason. Raises ConfigError when torchao is missing, no layer qualifies, or ``head`` is asked for and the head
-    cannot be converted."""
-    try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-    except ImportError as e:
-        raise ConfigError(TORCHAO_MISSING.format(recipe)) from e
-    head_linear = getattr(getattr(model, "head", None), "linear", None)
-    if head and not isinstance(head_linear, torch.nn.Linear):
-        raise ConfigError("float8_head=true: this model has no output-head linear layer to convert; set float8_head=false")
-    if head and (head_linear.in_features % 16 or head_linear.out_features % 16):
-        raise ConfigError(f"float8_head=true: the output head is {head_linear.in_features}x{head_linear.out_features}, "
-                          "FP8 needs multiples of 16; set float8_head=false")
-    kept: list[str] = []
-    converted: list[str] = []
-
-    def qualifies(module: torch.nn.Module, fqn: str) -> bool:
-        if module is head_linear and not head:
-            reason = "output head, float8_head=false"
-        elif fqn.rsplit(".", 1)[-1] == "router":
-            reason = "MoE router"
-        elif module.in_features % 16 or module.out_features % 16:
-            reason = f"{module.in_features}x{module.out_features} not multiples of 16"
-        else:
-            converted.append(fqn)
-            return True
-        kept.append(f"{fqn} ({reason})")
-        return False
-
-    # Attributes olm sets on layers (is_residual_out: scaled init) are carried over to the new modules.
-    marked = {name for name, m in model.named_modules() if getattr(m, "is_residual_out", False)}
-    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=qualifies)
-    for name, m in model.named_modules():
-        if name in marked:
-            m.is_residual_out = True
-    if not converted:
-        raise ConfigError(f"float8={recipe}: no linear layer qualifies (set float8=false); kept: {_listed(kept)}")
-    return len(converted), kept
-
-
-def inductor_options(mode: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    """The inductor options of a compile ``mode`` updated with ``options`` (``compile_options`` in the config), checked
-    here so that a typo is a one-line error naming the key instead of torch's list of every option."""
-    if mode not in COMPILE_MODES:
-        raise ConfigError(f"compile_mode={mode!r} is not supported; supported: {', '.join(COMPILE_MODES)}")
-    if mode == "default" and not options:
-        return {}
-    if not isinstance(options, dict | None):
-        raise ConfigError(f"compile_options must be a mapping of inductor options, got {options!r}")
-    from torch._inductor import config as inductor_config
-    from torch._inductor import list_mode_options
-
-    merged = dict(list_mode_options(mode))
-    known = inductor_config.get_config_copy()
-    for key, value in _dotted(options or {}).items():
-        if key not in known:
-            raise ConfigError(f"compile_options.{key} is not a torch inductor option; e.g. coordinate_descent_tuning, "
-                              "max_autotune, epilogue_fusion (torch._inductor.config)")
-        if key == "triton.cudagraphs" and value:
-            raise ConfigError("compile_options.triton.cudagraphs=true is not supported by olm's training step (see compile_mode)")
-        merged[key] = value
-    return merged
-
-
-def select_sdpa_backend(name: str) -> None:
-    """Restrict F.scaled_dot_product_attention to one fused kernel family (process-wide), or leave torch's choice
-    (``auto``). The math kernel stays allowed as the fallback for inputs a fused kernel rejects (e.g. masks)."""
-    if name == "auto" or not torch.cuda.is_available():
-        return
-    torch.backends.cuda.enable_flash_sdp(name == "flash")
-    torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
-    torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
-    torch.backends.cuda.enable_math_sdp(True)
-
-
-def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float,
-                  decay_fraction: float = 0.2) -> float:
-    """Learning-rate factor at ``step``: linear warmup, then the chosen decay down to ``min_lr_ratio``.
-
-    - cosine: half-cosine from 1 to min_lr_ratio over the steps after warmup;
-    - linear: straight line to min_lr_ratio;
-    - constant: 1 after warmup;
-    - wsd (warmup-stable-decay): 1 until the last ``decay_fraction`` of training, then linear to min_lr_ratio.
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    if schedule == "wsd":
-        decay_start = int(total_steps * (1 - decay_fraction))
-        if step < decay_start:
-            return 1.0
-        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
-        return 1.0 - (1.0 - min_lr_ratio) * progress
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "linear":
-        return 1.0 - (1.0 - min_lr_ratio) * progress
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class NonFiniteLossError(OlmError, RuntimeError):
     """Training produced a NaN/inf loss; the message names the step and the last good checkpoint."""
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = False,
-                     decay_norms_and_biases: bool = False) -> list[dict[str, Any]]:
-    """AdamW groups of ``model``'s trainable parameters (each once, also when tied): weight decay on matrices; on
-    embedding tables and on vectors (norms, biases) only when asked."""
-    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for _, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        if id(p) in embedding_params:
-            (decay if decay_embeddings else no_decay).append(p)
-        elif p.ndim >= 2:
-            decay.append(p)
-        else:
-            (decay if decay_norms_and_biases else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 class LMModule(L.LightningModule):
     """Wraps an olm model built from ``model_cfg``; the loop knows nothing of the model's internals.
 
-    ``optim``: lr, weight_decay, betas, eps, fused, decay_embeddings, decay_norms_and_biases.
-    ``scheduler``: name (cosine|linear|constant|wsd), warmup_steps, min_lr_ratio, decay_fraction.
-    Metrics are accumulated on the device and logged every ``log_every_n_steps`` optimizer steps, so the training
-    step never waits for the host.
+    ``optim``, ``scheduler`` and ``speed`` are the run's typed configs (olm.train.config). Metrics are accumulated on
+    the device and logged every ``log_every_n_steps`` optimizer steps, so the training step never waits for the host.
+    ``skip_nonfinite_batches``: non-finite losses tolerated (each batch skipped) before the run stops.
     """
 
-    def __init__(self, model_cfg: dict, optim: dict, scheduler: dict, *, max_steps: int, log_every_n_steps: int = 10,
-                 compile: bool = False, bytes_per_token: float | None = None, activation_checkpointing: bool = False,
-                 skip_nonfinite_batches: int = 0, fused_loss: str | bool = "auto", attention_backend: str = "auto",
-                 compile_mode: str = "default", compile_scope: str = "model", compile_options: dict | None = None,
-                 float8: str | bool = False, float8_head: bool = False):
+    def __init__(self, model_cfg: dict, optim: OptimConfig | None = None, scheduler: SchedulerConfig | None = None,
+                 speed: SpeedConfig | None = None, *, max_steps: int, log_every_n_steps: int = 10,
+                 bytes_per_token: float | None = None, skip_nonfinite_batches: int = 0):
         super().__init__()
         self.model_cfg = dict(model_cfg)
         self.model = olm.build_model(self.model_cfg)
-        self.optim_cfg, self.scheduler_cfg = dict(optim), dict(scheduler)
-        if self.scheduler_cfg.get("name", "cosine") not in SCHEDULES:
-            raise ConfigError(f"scheduler.name={self.scheduler_cfg.get('name')!r} is not known; known: {', '.join(SCHEDULES)}")
+        self.optim_cfg = optim or OptimConfig()
+        self.scheduler_cfg = scheduler or SchedulerConfig()
+        self.speed = speed or SpeedConfig()
+        self.compile_options = check_speed(self.speed)  # before any data or process starts
+        self.float8 = float8_recipe(self.speed.float8)
         self.max_steps, self.log_every_n_steps = max_steps, log_every_n_steps
-        self.compile_model, self.bytes_per_token = compile, bytes_per_token
-        self.activation_checkpointing = activation_checkpointing
-        if fused_loss not in ("auto", True, False):
-            raise ConfigError(f"fused_loss={fused_loss!r} is not known; known: auto, true, false")
-        self.fused_loss = fused_loss
-        if attention_backend not in SDPA_BACKENDS:
-            raise ConfigError(f"attention_backend={attention_backend!r} is not known; known: {', '.join(SDPA_BACKENDS)}")
-        self.attention_backend = attention_backend
-        if compile_scope not in COMPILE_SCOPES:
-            raise ConfigError(f"compile_scope={compile_scope!r} is not known; known: {', '.join(COMPILE_SCOPES)}")
-        self.compile_scope = compile_scope
-        self.float8 = float8_recipe(float8)
-        if not isinstance(float8_head, bool):
-            raise ConfigError(f"float8_head={float8_head!r} must be true or false")
-        if float8_head and self.float8 is None:
-            raise ConfigError("float8_head=true needs float8 on (float8=tensorwise or rowwise)")
-        if self.float8 is not None and importlib.util.find_spec("torchao") is None:  # before any data or process starts
-            raise ConfigError(TORCHAO_MISSING.format(self.float8))
-        self.float8_head = float8_head
-        # Checked (importing inductor takes seconds) when compiling, or when set without compile=true.
-        options_set = any(compile_options.values()) if isinstance(compile_options, dict) else bool(compile_options)
-        if compile or compile_mode != "default" or options_set:
-            self.compile_options = inductor_options(compile_mode, compile_options)
-        else:
-            self.compile_options = {}
+        self.bytes_per_token = bytes_per_token
         self._fused_ce = None  # set in configure_model when the fused linear-cross-entropy kernel is used
         self._hidden_states = self.model.hidden_states  # replaced by its compiled version with compile=True
         self.wandb_run_id: str | None = None
-        if not isinstance(skip_nonfinite_batches, int) or skip_nonfinite_batches < 0:
-            raise ConfigError(f"callbacks.nan_guard.skip_batches={skip_nonfinite_batches!r} must be an integer >= 0")
         self.skip_nonfinite_batches, self.skipped_batches = skip_nonfinite_batches, 0
         self._first_nonfinite_step = None  # device tensor: the first step (1-based) whose loss was NaN/inf, else 0
         self._train_loss_sum = None  # device tensors: summed between log steps
@@ -247,32 +60,35 @@ class LMModule(L.LightningModule):
         self.last_train_loss: float | None = None  # mean training loss of the last logged interval (progress bar)
         self._val_sum = None
         self._val_count = None
-        self.save_hyperparameters({"model": self.model_cfg, "optim": self.optim_cfg, "scheduler": self.scheduler_cfg})
+        self.save_hyperparameters({"model": self.model_cfg, "optim": dataclasses.asdict(self.optim_cfg),
+                                   "scheduler": dataclasses.asdict(self.scheduler_cfg)})
 
     # -- model ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        self.model.activation_checkpointing = self.activation_checkpointing
-        select_sdpa_backend(self.attention_backend)
-        self._fused_ce = self._make_fused_ce()
+        speed = self.speed
+        self.model.activation_checkpointing = speed.activation_checkpointing
+        select_sdpa_backend(speed.attention_backend)
+        self._fused_ce = fused_cross_entropy(speed.fused_loss, self.model.head.softcap)
         if self.float8 is not None and not getattr(self, "_float8_done", False):
             self._check_float8_device()
-            if self.float8_head and self._fused_ce is not None:
-                raise ConfigError(f"float8_head=true does not apply with fused_loss={str(self.fused_loss).lower()} (liger-kernel's fused "
-                                  "loss multiplies by the head weight itself); set fused_loss=false or float8_head=false")
+            if speed.float8_head and self._fused_ce is not None:
+                raise ConfigError(f"float8_head=true does not apply with fused_loss={str(speed.fused_loss).lower()} "
+                                  "(liger-kernel's fused loss multiplies by the head weight itself); set "
+                                  "fused_loss=false or float8_head=false")
             # Before compiling, so that the casts compile with the matmuls; eager, each cast is a kernel of its own.
-            converted, kept = convert_to_float8(self.model, self.float8, head=self.float8_head)
+            converted, kept = convert_to_float8(self.model, self.float8, head=speed.float8_head)
             self._float8_done = True
             if self.global_rank == 0:
-                log.info("float8=%s: %d linear layers in FP8; not converted: %s", self.float8, converted, _listed(kept))
-                if not self.compile_model:
+                log.info("float8=%s: %d linear layers in FP8; not converted: %s", self.float8, converted, listed(kept))
+                if not speed.compile:
                     log.warning("float8=%s without compile=true: the FP8 casts run as separate kernels; its speed was "
                                 "measured with compile=true only (benchmarks/RESULTS.md)", self.float8)
-        if self.compile_model and not getattr(self, "_compiled", False):
+        if speed.compile and not getattr(self, "_compiled", False):
             # Dynamo's DDP optimizer splits the compiled graph at gradient-bucket boundaries to overlap all-reduce
             # with backward; measured here it cost far more in lost fusion than it gained (benchmarks/RESULTS.md).
             torch._dynamo.config.optimize_ddp = False
             compile = functools.partial(torch.compile, options=self.compile_options or None)
-            if self.compile_scope == "model":
+            if speed.compile_scope == "model":
                 # One graph from token ids to the loss; parameter names (and checkpoints) are unchanged. Without the
                 # fused kernel the head and loss are in the graph, so log-softmax fuses with the logits.
                 self._hidden_states = compile(self.model.hidden_states)
@@ -294,21 +110,6 @@ class LMModule(L.LightningModule):
             name = torch.cuda.get_device_name(device)
             raise ConfigError(f"float8={self.float8} needs a GPU with FP8 matmuls (compute capability 8.9+); "
                               f"{name} has {cap[0]}.{cap[1]}; set float8=false")
-
-    def _make_fused_ce(self):
-        """Liger's fused linear-cross-entropy (never materialises the (tokens x vocab) logits), when asked for or
-        when ``auto`` on a GPU with liger-kernel installed; None means the plain path."""
-        if self.fused_loss is False or self.model.head.softcap is not None:
-            return None
-        try:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        except ImportError:
-            if self.fused_loss is True:
-                raise ConfigError("fused_loss=true needs liger-kernel (pip install 'olm[perf]'); or use fused_loss=auto")
-            return None
-        if self.fused_loss == "auto" and not torch.cuda.is_available():
-            return None
-        return LigerFusedLinearCrossEntropyLoss()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -456,30 +257,9 @@ class LMModule(L.LightningModule):
         self.log("val_loss", val_loss, on_step=False, on_epoch=True, prog_bar=True, logger=False, sync_dist=True)
 
     # -- optimizer -----------------------------------------------------------------------------------------------
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """Weight decay on matrices only; embeddings, norms and biases are configurable (off by default)."""
-        return parameter_groups(
-            self.model, float(self.optim_cfg.get("weight_decay", 0.1)),
-            decay_embeddings=self.optim_cfg.get("decay_embeddings", False),
-            decay_norms_and_biases=self.optim_cfg.get("decay_norms_and_biases", False),
-        )
-
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        fused = cfg.get("fused")
-        if fused is None:  # fused AdamW is fastest on GPU; CPU uses the foreach implementation
-            fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
-            self.parameter_groups(), lr=float(cfg.get("lr", 1e-3)), betas=tuple(cfg.get("betas", (0.9, 0.95))),
-            eps=float(cfg.get("eps", 1e-8)), fused=bool(fused) or None,
-        )
-        s = self.scheduler_cfg
-        schedule = dict(
-            schedule=s.get("name", "cosine"), warmup_steps=int(s.get("warmup_steps", 0)),
-            total_steps=int(s.get("total_steps") or self.max_steps),
-            min_lr_ratio=float(s.get("min_lr_ratio", 0.1)), decay_fraction=float(s.get("decay_fraction", 0.2)),
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, **schedule))
+        optimizer = build_optimizer(self.model, self.optim_cfg, self.device.type)
+        scheduler = build_scheduler(optimizer, self.scheduler_cfg, self.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints ---------------------------------------------------------------------------------------------

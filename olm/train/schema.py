@@ -1,4 +1,4 @@
-"""Hydra/OmegaConf schemas derived from the component registry (one source of truth).
+"""The model half of a config: Hydra/OmegaConf schemas derived from the component registry (one source of truth).
 
 For every registered component of the kinds users pick from the command line, a typed dataclass is made from the
 class signature and stored in Hydra's ConfigStore:
@@ -73,8 +73,9 @@ def schema_for(entry: registry.Entry, skip=frozenset(), extra: dict | None = Non
     return dataclasses.make_dataclass(f"{entry.kind}_{entry.name}_schema", fields)
 
 
-def register_configs() -> None:
-    """Store component and model schemas in Hydra's ConfigStore (idempotent)."""
+def register_model_configs() -> None:
+    """Store component and model schemas in Hydra's ConfigStore (idempotent; olm.train.config.register_configs
+    stores them with the run schema)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()

@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from olm.registry import ConfigError, OlmError
+from olm.errors import ConfigError, OlmError
 
 log = logging.getLogger("olm")
 DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -97,7 +97,7 @@ class RankWatchdog(threading.Thread):
 
 
 class HydraJobLauncher(_SubprocessScriptLauncher):
-    """Starts ranks 1..N-1 as ``python -m olm.train.app`` on this job's saved config, in this job's run dir."""
+    """Starts ranks 1..N-1 as ``python -m olm.train`` on this job's saved config, in this job's run dir."""
 
     watchdog: RankWatchdog | None = None
 
@@ -148,7 +148,7 @@ class HydraJobLauncher(_SubprocessScriptLauncher):
             child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
             if HydraConfig.initialized():
                 command = [
-                    sys.executable, "-m", "olm.train.app", "--config-path", config_dir, "--config-name", "config",
+                    sys.executable, "-m", "olm.train", "--config-path", config_dir, "--config-name", "config",
                     f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", f"hydra.job.name=rank{local_rank}",
                 ]
             else:
@@ -319,18 +319,16 @@ def rank_failure(trainer, exc: BaseException) -> RankFailure | None:
     return None
 
 
-def resolve_strategy(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
-    """``trainer.strategy``: a Lightning name (auto, ddp_spawn, ...), ``ddp``, or a mapping
-    ``{name: ddp|fsdp, ...options}`` (DDP: ``gradient_compression``, ``bucket_cap_mb``, ...; FSDP:
-    ``activation_checkpointing``, ``sharding_strategy``, ...)."""
-    cfg = dict(trainer_cfg)
-    strategy = cfg.get("strategy", "auto")
+def resolve_strategy(strategy: str | dict[str, Any], accelerator: str = "auto"):
+    """``trainer.strategy`` as Lightning takes it: a Lightning name (auto, ddp_spawn, ...) passes through; ``ddp``,
+    ``fsdp`` or a mapping ``{name: ddp|fsdp, ...options}`` (DDP: ``gradient_compression``, ``bucket_cap_mb``, ...;
+    FSDP: ``activation_checkpointing``, ``sharding_strategy``, ...) becomes olm's strategy object."""
     if strategy == "ddp":
         strategy = {"name": "ddp"}
     if strategy == "fsdp":
         strategy = {"name": "fsdp"}
     if not isinstance(strategy, dict):
-        return cfg
+        return strategy
     options = dict(strategy)
     name = options.pop("name", None)
     options.setdefault("timeout", DEFAULT_TIMEOUT.total_seconds())
@@ -341,7 +339,7 @@ def resolve_strategy(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
             if compression not in GRADIENT_COMPRESSION:
                 raise ConfigError(f"trainer.strategy.gradient_compression={compression!r} is not known; known: "
                                   + ", ".join(GRADIENT_COMPRESSION))
-            on_gpu = cfg.get("accelerator") in ("gpu", "cuda") or (cfg.get("accelerator", "auto") == "auto" and torch.cuda.is_available())
+            on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
             if compression != "none" and not on_gpu:
                 # Lightning registers DDP comm hooks on CUDA devices only: elsewhere the setting would do nothing.
                 raise ConfigError(f"trainer.strategy.gradient_compression={compression} needs GPUs (trainer.accelerator=gpu); "
@@ -353,18 +351,17 @@ def resolve_strategy(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
             # After the all-reduce the gradients are views of DDP's buckets instead of being copied back out (one
             # copy and one gradient-sized buffer less: -1.35 ms per step and -0.4 GiB for gpt2_small on 2 GPUs).
             options.setdefault("gradient_as_bucket_view", True)
-            cfg["strategy"] = OlmDDPStrategy(**options)
+            return OlmDDPStrategy(**options)
         elif name == "fsdp":
             from olm.nn.blocks import TransformerBlock
 
             checkpointing = options.pop("activation_checkpointing", False)
-            cfg["strategy"] = OlmFSDPStrategy(
+            return OlmFSDPStrategy(
                 auto_wrap_policy={TransformerBlock},  # one FSDP unit per transformer block
                 activation_checkpointing_policy={TransformerBlock} if checkpointing else None,
                 **options,
             )
-        else:
-            raise ConfigError(f"trainer.strategy.name={name!r} is not known; known: ddp, fsdp (or a Lightning strategy name)")
+        raise ConfigError(f"trainer.strategy.name={name!r} is not known; known: ddp, fsdp (or a Lightning strategy "
+                          "name)")
     except TypeError as exc:
         raise ConfigError(f"trainer.strategy: {exc}") from exc
-    return cfg

@@ -6,29 +6,22 @@ import logging
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from olm.registry import ConfigError
+from olm.errors import first_line
+from olm.train.config import LoggerConfig
 
 log = logging.getLogger("olm")
-MODES = ("auto", "online", "offline")
 
 
 def resolve_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ConfigError(f"logger.mode={mode!r} is not known; known: {', '.join(MODES)}")
+    """``logger.mode``: auto is online when WANDB_API_KEY is set, else offline."""
     if mode == "auto":
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return mode
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _safe_logger_class():
     from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.utilities import rank_zero_only
 
     class SafeWandbLogger(WandbLogger):
         """A WandbLogger whose failures mid-run (service gone, disk full, network) turn W&B off with a warning
@@ -44,14 +37,22 @@ def _safe_logger_class():
             except Exception as exc:  # logging must never kill a training run
                 self._failed = True
                 log.warning("W&B %s failed (%s); W&B logging is off for the rest of this run, metrics.csv and "
-                            "summary.json still get everything", what, _first_line(exc))
+                            "summary.json still get everything", what, first_line(exc))
                 return None
 
         def log_hyperparams(self, params) -> None:
             self._guard("log_hyperparams", super().log_hyperparams, params)
 
         def log_metrics(self, metrics, step=None) -> None:
-            self._guard("log", super().log_metrics, metrics, step)
+            self._guard("log", self._log_at_step, metrics, step)
+
+        @rank_zero_only
+        def _log_at_step(self, metrics, step) -> None:
+            # W&B's own step (_step) is the trainer's step, so a resumed run continues its history where the
+            # checkpoint left it instead of counting again from 0 (offline runs cannot ask the server where it was).
+            if step is None:
+                return super().log_metrics(metrics, step)
+            self.experiment.log({**metrics, "trainer/global_step": step}, step=int(step))
 
         def after_save_checkpoint(self, checkpoint_callback) -> None:
             self._guard("after_save_checkpoint", super().after_save_checkpoint, checkpoint_callback)
@@ -72,25 +73,24 @@ def finish_wandb() -> None:
 
         wandb.finish()
     except Exception as exc:  # logging must never kill a training run, nor hide its real error
-        log.warning("W&B finish failed (%s); the offline files in the run dir may be incomplete", _first_line(exc))
+        log.warning("W&B finish failed (%s); the offline files in the run dir may be incomplete", first_line(exc))
 
 
-def make_wandb_logger(cfg: DictConfig, run_dir: Path, resume_run_id: str | None = None):
+def make_wandb_logger(cfg: LoggerConfig, name: str, run_dir: Path, resume_run_id: str | None = None):
     """A WandbLogger writing into ``run_dir/wandb``; a failing W&B falls back to offline, then to none, and says so.
 
     ``resume_run_id`` (stored in checkpoints) continues the same W&B run after a resume.
     """
     WandbLogger = _safe_logger_class()
-    lc = cfg.logger
-    mode = resolve_mode(lc.get("mode", "auto"))
+    mode = resolve_mode(cfg.mode)
     kwargs = dict(
         save_dir=str(run_dir),
-        project=lc.get("project") or "olm",
-        entity=lc.get("entity"),
-        group=lc.get("group") or _sweep_group(),
-        tags=list(lc.get("tags") or []),
-        job_type=lc.get("job_type"),
-        name=_job_name(cfg.get("name")),
+        project=cfg.project,
+        entity=cfg.entity,
+        group=cfg.group or _sweep_group(),
+        tags=list(cfg.tags),
+        job_type=cfg.job_type,
+        name=name,
     )
     if resume_run_id:
         kwargs.update(id=resume_run_id, resume="allow")
@@ -104,7 +104,7 @@ def make_wandb_logger(cfg: DictConfig, run_dir: Path, resume_run_id: str | None 
                 log.warning("W&B %s failed; logging offline to %s instead", mode, run_dir / "wandb")
             return logger
         except Exception as exc:  # W&B must never kill a training run
-            log.warning("W&B (%s) could not start: %s", attempt, _first_line(exc))
+            log.warning("W&B (%s) could not start: %s", attempt, first_line(exc))
             try:
                 import wandb
 
@@ -130,12 +130,3 @@ def _sweep_group() -> str | None:
     """Jobs of one multirun share a W&B group unless logger.group is set: the sweep dir's name (<date>_<time>)."""
     hc = _multirun_job()
     return Path(hc.runtime.output_dir).parent.name if hc else None
-
-
-def _job_name(name: str | None) -> str | None:
-    """A multirun job's W&B name gets its overrides appended, unless it holds them already (experiments' names do)."""
-    hc = _multirun_job()
-    overrides = hc.job.override_dirname if hc else ""
-    if overrides and overrides not in (name or ""):
-        return f"{name}/{overrides}" if name else overrides
-    return name

@@ -1,0 +1,224 @@
+"""The pre-training checks every entry point runs on a composed config (a single run, each job of a multirun,
+``--cfg job``, ``olm-train check``, ``train(cfg)`` from Hydra's compose API), before any data or model work.
+
+Each failure is one ConfigError naming the key, the value and what it may be. Types and unknown keys are enforced
+while composing (olm.train.config's schemas); this adds the declared choices and ranges, the rules between keys, the
+model itself (built on the meta device, so impossible shapes fail here), a memory estimate for the sequence length,
+and what a config may make Hydra instantiate.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from olm.errors import ConfigError, closest, config_error_cause, first_line
+from olm.train.config import TrainConfig, check_settings, declared_keys
+
+# What Hydra may instantiate from a config (launcher, sweeper, sampler, callbacks: ``_target_``; logging handlers:
+# ``class``/``()``): Hydra's own classes, its plugins, Optuna's samplers and the logging module. Anything else would
+# let a config file run arbitrary code; olm's own code is imported only through the explicit ``model.imports`` list.
+SAFE_TARGETS = ("hydra.", "hydra_plugins.", "logging.", "optuna.samplers.", "optuna.pruners.")
+# Top-level keys that are not run settings: Hydra's node and the groups that only select other configs.
+NOT_SETTINGS = {"hydra"}
+
+
+def check_run(cfg: DictConfig, *, model: bool = True, memory: bool = True) -> None:
+    """All checks, in the order a user would fix them (module docstring)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        _check_run(cfg, model, memory)
+    except OmegaConfBaseException as exc:  # an interpolation or a resolver (olm.vocab_size) failed
+        cause = config_error_cause(exc)
+        if cause is not None:
+            raise ConfigError(str(cause)) from None
+        key = getattr(exc, "full_key", None)
+        text = first_line(exc)
+        raise ConfigError(f"{key}: {text}" if key and key not in text else text) from None
+
+
+def _check_run(cfg: DictConfig, model: bool, memory: bool) -> None:
+    _check_missing(cfg)
+    _check_undeclared_keys(cfg)
+    check_settings(cfg)
+    _check_between_keys(cfg)
+    if "hydra" in cfg:
+        check_hydra_targets(cfg)
+    if model:
+        built = build_on_meta(cfg)
+        if memory:
+            check_memory(cfg, built)
+
+
+def _missing_keys(node, prefix: str = ""):
+    """Paths of values left ``???`` (without resolving interpolations)."""
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if OmegaConf.is_missing(node, key):
+            yield path
+        elif not OmegaConf.is_interpolation(node, key):
+            child = node._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)) and not child._is_none() and not child._is_missing():
+                yield from _missing_keys(child, path)
+
+
+def _check_missing(cfg: DictConfig) -> None:
+    missing = [k for k in _missing_keys(cfg) if not k.startswith("hydra.")]
+    if missing:
+        raise ConfigError(f"{missing[0]} must be set (it is ??? in the config); pass it on the command line: "
+                          f"{missing[0]}=...")
+
+
+def _check_undeclared_keys(cfg: DictConfig) -> None:
+    """Experiments may keep their own variables at the top level (``shape``); one spelt like a run key is a typo
+    that would otherwise be ignored."""
+    declared = declared_keys(TrainConfig)
+    for key in cfg.keys():
+        if key in declared or key in NOT_SETTINGS:
+            continue
+        match = closest(key, declared, cutoff=0.8)
+        if match is not None:
+            raise ConfigError(f"{key} is not a run key; did you mean {match!r}? (a config file set it at the top "
+                              "level, where experiments keep their own variables)")
+
+
+def _check_between_keys(cfg: DictConfig) -> None:
+    trainer, scheduler = cfg.trainer, cfg.scheduler
+    total = scheduler.total_steps or trainer.max_steps
+    if scheduler.warmup_steps >= total:
+        which = "scheduler.total_steps" if scheduler.total_steps else "trainer.max_steps"
+        raise ConfigError(f"scheduler.warmup_steps={scheduler.warmup_steps} must be below {which}={total} "
+                          "(the learning rate would never reach optim.lr)")
+    if cfg.resume is not None and cfg.ckpt_path:
+        raise ConfigError("resume=auto and ckpt_path are both set; use one (resume=auto: the run dir's last checkpoint)")
+    if cfg.float8_head and cfg.float8 is False:
+        raise ConfigError("float8_head=true needs float8 on (float8=tensorwise or rowwise)")
+    if cfg.data.source != "stdlib" and not cfg.data.path:
+        raise ConfigError(f"data.path must be set for data.source={cfg.data.source!r} (a file or a directory)")
+    max_seq_len = cfg.model.get("max_seq_len")  # the model kind's own key, if it has one
+    if isinstance(max_seq_len, int) and cfg.data.seq_len > max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={max_seq_len}")
+
+
+def build_on_meta(cfg: DictConfig) -> torch.nn.Module:
+    """The model the run would train, built on the meta device (shapes only, no memory): every registry check
+    and every constructor's own check runs, in milliseconds also for the 27B presets."""
+    import olm
+
+    if not isinstance(cfg.model.get("vocab_size"), int):
+        raise ConfigError(f"model.vocab_size={cfg.model.get('vocab_size')!r} must be an integer "
+                          "(model.vocab_size=${data.vocab_size} takes the tokenizer's)")
+    with torch.device("meta"):
+        return olm.build_model(cfg.model)
+
+
+# -- memory ---------------------------------------------------------------------------------------------------------
+def activation_bytes(model: torch.nn.Module, batch: int, seq_len: int, *, fused_loss: bool) -> int:
+    """A lower bound on one training micro-batch's memory beyond the weights: the logits and their gradient in
+    fp32 (unless the fused loss never materialises them) and each block's saved activations, about 34 values per
+    token and width (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+    table 2, without the attention-score term that fused attention avoids), at 2 bytes each."""
+    tokens = batch * seq_len
+    logits = 0 if fused_loss else 2 * tokens * model.vocab_size * 4
+    width = getattr(model, "embed_dim", 0)
+    blocks = len(getattr(model, "blocks", ()))
+    return logits + tokens * width * blocks * 34 * 2
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter."""
+    return 16 * sum(p.numel() for p in model.parameters())
+
+
+def available_bytes(on_gpu: bool) -> tuple[int, str] | None:
+    """(bytes, what) the run may use on one device: the GPU's total memory, or the memory the OS has available."""
+    if on_gpu:
+        return torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "this machine (available memory)"
+    except OSError:
+        pass
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_memory(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """Refuse a run whose estimated memory (a lower bound) exceeds the device's, before any data is read."""
+    accelerator = str(cfg.trainer.accelerator)
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu and not torch.cuda.is_available():
+        return  # Lightning reports the missing GPU itself
+    available = available_bytes(on_gpu)
+    if available is None:
+        return
+    limit, device = available
+    fused = cfg.fused_loss is True or (cfg.fused_loss == "auto" and on_gpu)
+    sharded = _strategy_name(cfg.trainer.strategy) == "fsdp"
+    processes = 1 if on_gpu else _processes_on_this_machine(cfg)
+    weights = parameter_bytes(model) // (_device_count(cfg) if sharded else 1)
+    need = processes * (weights + activation_bytes(model, cfg.data.batch_size, cfg.data.seq_len, fused_loss=fused))
+    if need > limit:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} with data.batch_size={cfg.data.batch_size} needs at least "
+            f"{_gib(need)} per step (estimated: weights, gradients and AdamW state, logits and activations"
+            f"{f', x{processes} processes' if processes > 1 else ''}), more than the {_gib(limit)} of {device}; "
+            "lower data.seq_len or data.batch_size (trainer.accumulate_grad_batches keeps the tokens per step)")
+
+
+def _strategy_name(strategy: Any) -> str:
+    if isinstance(strategy, DictConfig):
+        return str(strategy.get("name"))
+    return str(strategy)
+
+
+def _device_count(cfg: DictConfig) -> int:
+    devices = cfg.trainer.devices
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    return max(1, torch.cuda.device_count())
+
+
+def _processes_on_this_machine(cfg: DictConfig) -> int:
+    """CPU training processes one job starts on this machine (CPU DDP: one per device)."""
+    devices = cfg.trainer.devices
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, (list, ListConfig)):
+        return len(devices)
+    if str(devices) == "-1":
+        return os.cpu_count() or 1
+    return 1
+
+
+# -- Hydra targets --------------------------------------------------------------------------------------------------
+def _unsafe_targets(node, path: str = "hydra"):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("_target_", "class", "()") and isinstance(value, str) and not value.startswith(SAFE_TARGETS):
+                yield f"{path}.{key}", value
+            yield from _unsafe_targets(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _unsafe_targets(value, f"{path}[{i}]")
+
+
+def check_hydra_targets(cfg: DictConfig) -> None:
+    """Refuse a composed config (with its ``hydra`` node) that would make Hydra instantiate a class or callable
+    outside SAFE_TARGETS: one-line ConfigError naming the key."""
+    hydra_node = OmegaConf.to_container(cfg.hydra, resolve=False) if "hydra" in cfg else {}
+    for key, target in _unsafe_targets(hydra_node):
+        raise ConfigError(
+            f"{key}={target!r} is not allowed: a config may only make Hydra instantiate {', '.join(SAFE_TARGETS)}* "
+            "(import your own components with model.imports=[...])"
+        )

@@ -1,0 +1,223 @@
+"""``olm-train``: the Hydra application, with one validation path in front of it.
+
+Before Hydra starts anything, the command line is composed as Hydra will compose it and checked
+(olm.train.checks): a single run, each job of a grid multirun (``-m``), ``--cfg job`` (olm's dry run), with
+``--config-path`` / ``--config-dir`` too. A mistake is one line, ``error: ...``, exit 2, and nothing is written (no
+run or multirun dir). A resume (``resume=auto hydra.run.dir=X``) is composed from X's own overrides
+(olm.train.resume). Then Hydra runs the job(s); each job's failures end through :func:`run_job`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from olm.errors import ConfigError
+from olm.train.outcome import one_line_error, write_failed_summary
+
+log = logging.getLogger("olm")
+# Flags that make Hydra print something and exit, untouched by olm.
+HYDRA_INFO_FLAGS = ("--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--version")
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """``train(cfg)`` as the command line runs it: input mistakes and run faults end as one ``error: ...`` line on
+    stderr and a non-zero exit, with ``summary.json`` saying ``failed``; bugs keep their traceback."""
+    from olm.train.run import train
+
+    run_dir = Path(str(cfg.paths.output_dir)) if _output_dir_known(cfg) else None
+    try:
+        return train(cfg)
+    except BaseException as exc:
+        if run_dir is not None:
+            write_failed_summary(run_dir, exc)  # a crash or Ctrl-C too: the run dir says so (`olm compare` lists it)
+        reported = one_line_error(exc, run_dir)
+        if reported is None:
+            raise
+        code, message = reported
+        _log_to_file(message)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(code)
+
+
+def _output_dir_known(cfg: DictConfig) -> bool:
+    try:
+        return bool(cfg.paths.output_dir)
+    except Exception:
+        return False
+
+
+def _log_to_file(message: str) -> None:
+    """The error into the job's log file only (the console gets the ``error:`` line once)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://olm.conf", config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    return run_job(cfg)
+
+
+# -- the checks before Hydra -----------------------------------------------------------------------------------------
+def _parse(argv: list[str]):
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(argv)
+
+
+def _absolute_config_path(argv: list[str]) -> list[str]:
+    """``--config-path conf`` relative to the working directory (Hydra would take it relative to olm's source)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        for flag in ("--config-path", "-cp"):
+            if arg == flag and i + 1 < len(argv):
+                value = argv[i + 1]
+                out += [flag, value if value.startswith("pkg://") else os.path.abspath(value)]
+                i += 2
+                break
+            if arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+                out.append(f"{flag}={value if value.startswith('pkg://') else os.path.abspath(value)}")
+                i += 1
+                break
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
+def prepare(argv: list[str]) -> list[str]:
+    """Check the command line as Hydra will run it; returns the argv to hand to Hydra (a resume's own overrides
+    filled in). Raises ConfigError for the first mistake; exits 0 when a resume has nothing left to train."""
+    from olm.train import resume
+    from olm.train.checks import check_run
+    from olm.train.compose import compose, sweep_jobs
+
+    argv = _absolute_config_path(argv)
+    args = _parse(argv)
+    where = dict(config_path=args.config_path, config_dir=args.config_dir, config_name=args.config_name or "train")
+    overrides = list(args.overrides)
+    flags = list(argv)  # the flags (-m, --cfg job, --config-path X, ...): everything but the overrides
+    for override in overrides:
+        flags.remove(override)
+
+    if not args.multirun:
+        planned = resume.plan(overrides, lambda o: compose(o, **where))
+        if planned is not None:
+            if planned.finished_note:
+                print(planned.finished_note, file=sys.stderr, flush=True)
+                sys.exit(0)
+            overrides = [*planned.overrides, "resume=auto", f"hydra.run.dir={planned.run_dir}",
+                         f"hydra.output_subdir={planned.record_subdir}"]
+        cfg = compose(overrides, return_hydra_config=True, **where)
+        check_run(cfg)
+        return [*flags, *overrides]
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:
+        compose(overrides, multirun=True, **where)  # reports the parse error in one line
+        raise
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    base = compose(fixed, multirun=True, return_hydra_config=True, **where)
+    sweeper = str(base.hydra.sweeper.get("_target_", ""))
+    if not sweeper.endswith("BasicSweeper"):
+        check_run(base)
+        _check_search_space(base)
+        return [*flags, *overrides]
+    params = base.hydra.sweeper.get("params") or {}
+    jobs, total = sweep_jobs(overrides, dict(params))
+    for job in jobs:
+        check_run(compose(job, multirun=True, return_hydra_config=True, **where))
+    if total > len(jobs):
+        log.info("checked the first %d of the sweep's %d jobs before starting it", len(jobs), total)
+    return [*flags, *overrides]
+
+
+def _check_search_space(cfg: DictConfig) -> None:
+    """A search space (Optuna's ``hydra.sweeper.params``) names keys the config has."""
+    from omegaconf import OmegaConf
+
+    for key in (cfg.hydra.sweeper.get("params") or {}):
+        key = str(key)
+        if "/" in key or key.startswith("+"):
+            continue  # a config group, checked by the sweeper's first compose
+        if OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
+            raise ConfigError(f"hydra.sweeper.params.{key}: {key} is not a config key")
+
+
+def help_text() -> str:
+    """``olm-train --help``: what the command does, its groups and options, common overrides, where outputs go."""
+    from hydra.core.object_type import ObjectType
+
+    from olm.train.compose import hydra_app
+
+    lines = [
+        "olm-train: train a language model composed from olm's config tree (a Hydra app).",
+        "",
+        "  olm-train [group=option ...] [key=value ...]    one run",
+        "  olm-train -m key=a,b [+experiment=NAME] ...     a sweep: one job per combination",
+        "  olm-train --cfg job [overrides]                 check the run and print its config; nothing is trained",
+        "  olm-train resume=auto hydra.run.dir=RUN_DIR     continue a run with its own saved config",
+        "",
+        "Config groups (group=option; the default is marked *):",
+    ]
+    with hydra_app() as app:
+        loader = app.config_loader
+        choices = app.compose_config("train", [], run_mode=None, with_log_configuration=False).hydra.runtime.choices
+        groups = sorted(g for g in loader.get_group_options("", ObjectType.GROUP) if g != "hydra")
+        for group in groups:
+            options = [o for o in loader.get_group_options(group, ObjectType.CONFIG) if not o.startswith("schema")]
+            if not options:
+                continue
+            chosen = choices.get(group)
+            shown = [f"{o}*" if o == chosen else o for o in options]
+            lines.append(f"  {group}: {', '.join(shown)}")
+        components = [f"model/{kind}" for kind in ("attention", "norm", "ffn", "position")]
+        for group in components:
+            options = loader.get_group_options(group, ObjectType.CONFIG)
+            lines.append(f"  {group}: {', '.join(options)}")
+    lines += [
+        "",
+        "Common overrides:",
+        "  model=llama_small trainer.max_steps=2000 data.seq_len=512 data.batch_size=32 optim.lr=1e-3 seed=1",
+        "  trainer=gpu compile=true | trainer=ddp | logger=csv | +experiment=ffn_multiplier | debug=fdr",
+        "  Every key, its default and allowed values: olm/train/config.py; components: `olm components`;",
+        "  model presets: `olm models`.",
+        "",
+        "Outputs: outputs/runs/<date>_<time>/ (a sweep: outputs/multiruns/<date>_<time>/<job>/) with config.yaml,",
+        "  metrics.csv, summary.json, checkpoints/, model/ and wandb/ (offline unless WANDB_API_KEY is set).",
+        "  Cache (tokenizers, tokenized corpora): $OLM_CACHE_DIR, else $XDG_CACHE_HOME/olm, else ~/.cache/olm.",
+        "",
+        "Hydra's own flags: olm-train --hydra-help",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if any(a in ("--help", "-h") for a in argv):
+        print(help_text())
+        return
+    is_child_rank = "LOCAL_RANK" in os.environ and any(a in ("--config-path", "-cp") for a in argv)
+    if not is_child_rank and not any(a.split("=")[0] in HYDRA_INFO_FLAGS for a in argv):
+        try:
+            argv = prepare(argv)
+        except Exception as exc:
+            reported = one_line_error(exc)
+            if reported is None:
+                raise
+            print(f"error: {reported[1]}", file=sys.stderr, flush=True)
+            sys.exit(reported[0])
+    sys.argv = [sys.argv[0], *argv]
+    _hydra_main()

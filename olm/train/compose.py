@@ -1,0 +1,215 @@
+"""Composing a run config exactly as ``olm-train`` (Hydra) does, with Hydra's multi-line composition reports turned
+into one-line ConfigErrors that name the override, the key and the known options.
+
+The search path is Hydra's for the app: olm's tree as package data (``pkg://olm.conf``) or the primary config dir
+given with ``--config-path``, a ``--config-dir`` in front, and what olm's SearchPathPlugin adds (a team's ``conf/``
+in the working directory, ``OLM_CONFIG_PATH``). Components a config imports (``model.imports``) are imported before
+composing, so that their schemas exist when ``model/norm=<plugin>`` is looked up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from typing import Iterator
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from olm.errors import ConfigError, did_you_mean, first_line
+from olm.train.config import register_configs
+
+CONFIG_MODULE = "olm.conf"
+COMPONENT_GROUPS = ("attention", "norm", "ffn", "position")
+# A grid sweep is checked job by job before it starts; beyond this many jobs only the first ones are composed.
+MAX_CHECKED_JOBS = 256
+
+
+@contextlib.contextmanager
+def hydra_app(config_path: str | None = None, config_dir: str | None = None) -> Iterator:
+    """Hydra's app object for olm's search path, as ``olm-train`` builds it. Any Hydra already initialised (a test
+    inside ``initialize()``, a running job) is restored afterwards."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.config_search_path import SearchPathQuery
+
+    register_configs()
+    path = config_path or f"pkg://{CONFIG_MODULE}"
+    if not path.startswith("pkg://"):
+        path = os.path.abspath(path)
+        if not os.path.isdir(path):
+            raise ConfigError(f"--config-path {config_path!r}: no such directory")
+    search_path = create_automatic_config_search_path(None, None, path)
+    if config_dir is not None:
+        extra = os.path.abspath(config_dir)
+        if not os.path.isdir(extra):
+            raise ConfigError(f"--config-dir {config_dir!r}: no such directory")
+        search_path.prepend("command-line", f"file://{extra}", anchor=SearchPathQuery(provider="schema"))
+    global_hydra = GlobalHydra.instance()
+    previous = global_hydra.hydra if global_hydra.is_initialized() else None
+    global_hydra.clear()
+    try:
+        yield Hydra.create_main_hydra2(task_name="train", config_search_path=search_path)
+    finally:
+        global_hydra.clear()
+        if previous is not None:
+            global_hydra.initialize(previous)
+
+
+def compose(overrides: list[str] = (), *, config_path: str | None = None, config_dir: str | None = None,
+            config_name: str = "train", multirun: bool = False, return_hydra_config: bool = False) -> DictConfig:
+    """The run config for ``overrides`` (command-line syntax), composed as ``olm-train`` composes it.
+
+    Raises ConfigError with one line for every composition mistake. The result is not yet checked: pass it to
+    ``olm.train.checks.check_run`` (as ``olm-train`` and ``train()`` do) for ranges, choices and the model."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from hydra.types import RunMode
+
+    overrides = list(overrides)
+    import_command_line_modules(overrides)
+    mode = RunMode.MULTIRUN if multirun else RunMode.RUN
+    with hydra_app(config_path, config_dir) as app:
+        try:
+            cfg = _compose_importing(app, config_name, overrides, mode)
+        except OverrideParseException as exc:
+            raise ConfigError(_parse_error(overrides, exc)) from None
+        except MissingConfigException as exc:
+            raise ConfigError(_missing_option(exc)) from None
+        except ConfigCompositionException as exc:
+            raise ConfigError(_composition_error(overrides, exc, config_path, config_dir, config_name)) from None
+    if not return_hydra_config and "hydra" in cfg:
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
+
+
+def _compose_importing(app, config_name: str, overrides: list[str], mode) -> DictConfig:
+    """Compose; when a model component option is missing, look for ``model.imports`` in a config that selects a
+    stand-in for it, import those modules (their components register schemas) and compose again."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import MissingConfigException
+
+    def run():
+        return app.compose_config(config_name, overrides, run_mode=mode, with_log_configuration=False)
+
+    try:
+        return run()
+    except MissingConfigException as exc:
+        group, _, name = str(getattr(exc, "missing_cfg_file", "") or "").rpartition("/")
+        kind = group.removeprefix("model/")
+        if not group.startswith("model/") or kind not in COMPONENT_GROUPS or not name:
+            raise
+        store = ConfigStore.instance()
+        store.store(group=group, name=name, node={"name": name})  # a stand-in, only to read model.imports
+        try:
+            imports = OmegaConf.select(run(), "model.imports", default=None) or []
+        except Exception:
+            raise exc from None
+        finally:
+            store.repo["model"][kind].pop(f"{name}.yaml", None)
+        if not imports:
+            raise exc from None
+        from olm import registry
+
+        registry.import_modules(list(imports), "model.imports")
+        register_configs()
+        return run()
+
+
+def import_command_line_modules(overrides: list[str]) -> None:
+    """``model.imports=[a,b]`` on the command line: imported before composing (working directory on sys.path)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:
+        return  # compose reports the parse error
+    for override in parsed:
+        if override.key_or_group == "model.imports" and not override.is_delete():
+            value = override.value()
+            modules = value if isinstance(value, list) else [value]
+            if all(isinstance(m, str) for m in modules):
+                from olm import registry
+
+                registry.import_modules(modules, "model.imports")
+                register_configs()
+
+
+def sweep_jobs(overrides: list[str], sweep_params: dict | None) -> tuple[list[list[str]], int]:
+    """The jobs of a grid multirun, as Hydra's basic sweeper makes them: the experiment's ``hydra.sweeper.params``
+    then the command line's overrides, the sweep ones expanded. Returns (the first MAX_CHECKED_JOBS jobs' overrides,
+    the number of jobs)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    params = [f"{key}={value}" for key, value in (sweep_params or {}).items()]
+    parsed = parser.parse_overrides(params + list(overrides))
+    lists = []
+    for override in parsed:
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            lists.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            lists.append([override.input_line])
+    total = 1
+    for values in lists:
+        total *= len(values)
+    jobs = [list(job) for job in itertools.islice(itertools.product(*lists), MAX_CHECKED_JOBS)]
+    return jobs, total
+
+
+# -- Hydra's composition errors as one line -------------------------------------------------------------------------
+def _parse_error(overrides: list[str], exc: Exception) -> str:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except Exception as one:
+            return f"cannot parse the override {override!r}: {first_line(one)}"
+    return f"cannot parse the overrides: {first_line(exc)}"
+
+
+def _missing_option(exc) -> str:
+    missing = str(getattr(exc, "missing_cfg_file", "") or "")
+    group, _, value = missing.rpartition("/")
+    options = sorted(o for o in (getattr(exc, "options", None) or []) if not o.startswith("schema"))
+    if not group or not options:
+        text = first_line(exc)
+        if "Cannot find primary config" in text:
+            return text + " (olm-train's primary config is 'train': check --config-path / --config-name)"
+        return text
+    return f"{group}={value} is not a known option of {group!r}" + did_you_mean(value, options)
+
+
+def _composition_error(overrides: list[str], exc: Exception, config_path, config_dir, config_name) -> str:
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = exc.__cause__
+    text = first_line(exc)
+    if cause is None:
+        if text.startswith("Ambiguous value"):
+            return text + " (a sweep needs -m; a list is key=[a,b]; a string with commas is quoted: key='a,b')"
+        return text
+    full_key = getattr(cause, "full_key", None) or ""
+    reason = first_line(cause)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and full_key:
+        parent, _, key = full_key.rpartition(".")
+        others = [o for o in overrides if not o.lstrip("+~").startswith(full_key)]
+        try:
+            base = compose(others, config_path=config_path, config_dir=config_dir, config_name=config_name)
+            node = OmegaConf.select(base, parent) if parent else base
+            keys = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+        except Exception:
+            keys = []
+        where = f"of {parent!r}" if parent else "at the top level"
+        known = did_you_mean(key, keys, f"known keys {where}") if keys else ""
+        return f"{full_key} is not a config key{known} (to add a new key: +{full_key}=...)"
+    value = getattr(cause, "value", None)
+    shown = f"={value!r}" if value is not None else ""
+    if full_key:
+        return f"{full_key}{shown}: {reason}"
+    where = text.removesuffix(":").replace(" raised while composing config", "")
+    return f"{where}: {reason}"

@@ -1,0 +1,437 @@
+"""The run half of a config, declared once: typed schemas for every key outside ``model:``.
+
+``TrainConfig`` is stored in Hydra's ConfigStore as ``schema_train``; ``conf/train.yaml`` extends it, and the YAML
+files of each group (data, trainer, optim, scheduler, logger, callbacks, paths) only say where they differ from the
+defaults written here. So every default lives in one place, OmegaConf enforces the types while composing
+(``optim.lr=abc``, ``compile=maybe``), an unknown key fails while composing (``optim.lrr=1``), and the choices and
+ranges declared with :func:`setting` are checked by :func:`check_settings`, which every entry point runs before
+anything is built.
+
+The model half is declared by the registry (``olm.train.schema``); ``model`` is typed by the preset's schema.
+The root node accepts keys it does not declare from config files, because experiments keep their own variables
+there (``shape``, ``shapes``); on the command line an undeclared key still needs ``+key=value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from olm.errors import ConfigError, did_you_mean, first_line
+
+# torch.compile modes olm's training step supports. The CUDA-graph modes (reduce-overhead, max-autotune) are refused:
+# the profiled step keeps the GPU 98% busy, so graphs could win at most ~2%, and they break on tied embeddings.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# What one compiled graph covers: the whole model and loss, or each transformer block (plus one for head and loss).
+COMPILE_SCOPES = ("model", "blocks")
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+# torchao's FP8 training recipes (dynamic scaling): one scale per tensor, or per row (finer, slower kernels).
+FLOAT8_RECIPES = ("tensorwise", "rowwise")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+OPTIMIZERS = ("adamw",)
+LOGGERS = ("wandb", "csv", "none")
+WANDB_MODES = ("auto", "online", "offline")
+# Lightning's precision names, plus olm's "auto" (bf16-mixed on a GPU with bf16, 32-true otherwise).
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64",
+              "transformer-engine", "transformer-engine-float16")
+PROFILERS = ("simple", "advanced", "pytorch")
+# olm.data's choices, repeated here so that composing needs no data import; a test keeps the two equal.
+DATA_SOURCES = ("stdlib", "text", "bin", "hf_dataset")
+TOKENIZERS = ("byte", "bpe", "hf")
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
+# -- declaring a key -------------------------------------------------------------------------------------------------
+def setting(default: Any = MISSING, *, choices: tuple | None = None, check: Callable[[Any], bool] | None = None,
+            allowed: str = "") -> Any:
+    """A schema field with its default and, optionally, the values it may take: ``choices`` (a fixed list, shown
+    with the closest match when missed) or ``check`` (a predicate over the resolved value, described by ``allowed``).
+    Null passes unless the check says otherwise only for fields declared Optional."""
+    meta = {"choices": choices, "check": check, "allowed": allowed}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def positive_int(v) -> bool:
+    return _int(v) and v >= 1
+
+
+def non_negative_int(v) -> bool:
+    return _int(v) and v >= 0
+
+
+def positive_number(v) -> bool:
+    return _num(v) and v > 0
+
+
+def non_negative_number(v) -> bool:
+    return _num(v) and v >= 0
+
+
+def fraction(v) -> bool:
+    return _num(v) and 0 <= v <= 1
+
+
+def val_interval(v) -> bool:
+    return positive_int(v) or (_num(v) and not _int(v) and 0 < v <= 1)
+
+
+def betas(v) -> bool:
+    return len(v) == 2 and all(_num(b) and 0 <= b < 1 for b in v)
+
+
+def one_of_or_bool(*names: str) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, bool) or v in names
+
+
+# -- the schemas -----------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """``olm.data.TextDataModule``'s arguments (docs/data.md)."""
+
+    source: str = setting("stdlib", choices=DATA_SOURCES)
+    path: Optional[str] = None
+    pattern: str = "**/*.txt"
+    text_field: str = "text"
+    token_dtype: str = setting("uint16", choices=TOKEN_DTYPES)
+    tokenizer: str = setting("bpe", choices=TOKENIZERS)
+    tokenizer_vocab_size: int = setting(4096, check=lambda v: _int(v) and v >= 257, allowed="an integer >= 257")
+    tokenizer_path: Optional[str] = None
+    # Known before any data is read for byte, bpe and hf tokenizers (olm.data.known_vocab_size); a bin source sets it.
+    vocab_size: Optional[int] = setting("${olm.vocab_size:}", check=lambda v: v is None or positive_int(v),
+                                        allowed="a positive integer")
+    seq_len: int = setting(256, check=positive_int, allowed="a positive integer")
+    batch_size: int = setting(16, check=positive_int, allowed="a positive integer")
+    val_batches: Optional[int] = setting(8, check=lambda v: v is None or positive_int(v),
+                                         allowed="a positive integer (null: the whole split)")
+    val_fraction: float = setting(0.05, check=lambda v: _num(v) and 0 < v < 1, allowed="a number in (0, 1)")
+    seed: int = "${seed}"
+    num_workers: int = setting(0, check=non_negative_int, allowed="an integer >= 0")
+    pin_memory: Optional[bool] = None
+    cache_dir: str = "${paths.cache_dir}"
+
+
+@dataclass
+class TrainerConfig:
+    """``lightning.Trainer`` arguments olm passes on (olm sets loggers, callbacks, epochs and sampling itself)."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = setting(1, check=positive_int, allowed="a positive integer")
+    strategy: Any = "auto"
+    precision: str = setting("auto", choices=PRECISIONS)
+    max_steps: int = setting(300, check=positive_int, allowed="a positive integer")
+    # Steps (an integer, counted over the whole run, resumes included) or a fraction of max_steps.
+    val_check_interval: Any = setting(150, check=val_interval,
+                                      allowed="a positive number of steps (or a fraction in (0, 1])")
+    log_every_n_steps: int = setting(10, check=positive_int, allowed="a positive integer")
+    gradient_clip_val: Optional[float] = setting(1.0, check=lambda v: v is None or non_negative_number(v),
+                                                 allowed="a number >= 0 (null: no clipping)")
+    gradient_clip_algorithm: str = setting("norm", choices=("norm", "value"))
+    accumulate_grad_batches: int = setting(1, check=positive_int, allowed="a positive integer")
+    deterministic: Any = setting(False, check=one_of_or_bool("warn"), allowed="true, false or warn")
+    enable_progress_bar: Optional[bool] = True
+    enable_model_summary: bool = True
+    benchmark: Optional[bool] = None
+    # Debugging (conf/debug/): a few batches, one overfitted batch, fewer batches, a profiler, anomaly detection.
+    fast_dev_run: Any = setting(False, check=lambda v: isinstance(v, bool) or positive_int(v),
+                                allowed="true, false or a positive number of batches")
+    # As in Lightning: an integer is a number of batches, a float a fraction of them (so 1 and 1.0 differ).
+    overfit_batches: Any = setting(0.0, check=non_negative_number, allowed="a number >= 0 (batches or a fraction)")
+    limit_train_batches: Any = setting(None, check=lambda v: v is None or non_negative_number(v),
+                                       allowed="a number >= 0 (batches or a fraction)")
+    limit_val_batches: Any = setting(None, check=lambda v: v is None or non_negative_number(v),
+                                     allowed="a number >= 0 (batches or a fraction)")
+    profiler: Optional[str] = setting(None, choices=PROFILERS)
+    detect_anomaly: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; weight decay on weight matrices only unless the two switches say otherwise."""
+
+    name: str = setting("adamw", choices=OPTIMIZERS)
+    lr: float = setting(3e-3, check=positive_number, allowed="a positive number")
+    weight_decay: float = setting(0.1, check=non_negative_number, allowed="a number >= 0")
+    betas: List[float] = setting([0.9, 0.95], check=betas, allowed="two numbers in [0, 1), e.g. [0.9, 0.95]")
+    eps: float = setting(1e-8, check=positive_number, allowed="a positive number")
+    fused: Optional[bool] = None  # null: fused kernels on GPU, foreach on CPU
+    decay_embeddings: bool = False
+    decay_norms_and_biases: bool = False
+
+
+@dataclass
+class SchedulerConfig:
+    """Linear warmup, then cosine, linear, constant or warmup-stable-decay (olm.train.optim.lr_multiplier)."""
+
+    name: str = setting("cosine", choices=SCHEDULES)
+    warmup_steps: int = setting(30, check=non_negative_int, allowed="an integer >= 0")
+    min_lr_ratio: float = setting(0.1, check=fraction, allowed="a number in [0, 1]")
+    decay_fraction: float = setting(0.2, check=lambda v: _num(v) and 0 < v <= 1, allowed="a number in (0, 1]")
+    # Steps the schedule spans (null: trainer.max_steps). Set it to plan a run that is stopped and extended later.
+    total_steps: Optional[int] = setting(None, check=lambda v: v is None or positive_int(v),
+                                         allowed="a positive integer (null: trainer.max_steps)")
+
+
+@dataclass
+class LoggerConfig:
+    """W&B through Lightning's WandbLogger (``name: wandb``), or none; metrics.csv is always written."""
+
+    name: str = setting("wandb", choices=LOGGERS)
+    mode: str = setting("auto", choices=WANDB_MODES)  # auto: online when WANDB_API_KEY is set, else offline
+    project: str = "olm"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = setting([], check=lambda v: all(isinstance(t, str) and len(t) <= 64 for t in v),
+                              allowed="strings of at most 64 characters (W&B's limit)")
+    job_type: Optional[str] = "train"
+
+
+@dataclass
+class CheckpointConfig:
+    save_top_k: int = setting(1, check=lambda v: _int(v) and v >= -1, allowed="an integer >= -1 (-1: keep all)")
+    save_last: bool = True
+
+
+@dataclass
+class NanGuardConfig:
+    skip_batches: int = setting(0, check=non_negative_int, allowed="an integer >= 0")
+
+
+@dataclass
+class CallbacksConfig:
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "${olm.output_dir:}"
+    cache_dir: str = "${olm.cache_dir:}"
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "def "
+    max_new_tokens: int = setting(200, check=non_negative_int, allowed="an integer >= 0")
+    temperature: float = setting(0.8, check=non_negative_number, allowed="a number >= 0 (0: greedy)")
+    top_k: Optional[int] = setting(50, check=lambda v: v is None or non_negative_int(v),
+                                   allowed="an integer >= 0 (0 or null: off)")
+    top_p: Optional[float] = setting(0.95, check=lambda v: v is None or (_num(v) and 0 < v <= 1),
+                                     allowed="a number in (0, 1] (null: off)")
+
+
+@dataclass
+class SpeedConfig:
+    """The speed options, top-level keys of the run (``compile=true``), grouped for the code (olm.train.speed)."""
+
+    compile: bool = False
+    compile_mode: str = setting("default", choices=COMPILE_MODES)
+    compile_scope: str = setting("model", choices=COMPILE_SCOPES)
+    compile_options: Dict[str, Any] = setting({})
+    fused_loss: Any = setting(False, check=one_of_or_bool("auto"), allowed="true, false or auto")
+    attention_backend: str = setting("auto", choices=SDPA_BACKENDS)
+    float8: Any = setting(False, check=one_of_or_bool(*FLOAT8_RECIPES),
+                          allowed=f"false, true (= tensorwise), {', '.join(FLOAT8_RECIPES)}")
+    float8_head: bool = False
+    activation_checkpointing: bool = False
+    # CPU threads per process; null: the cores of this machine divided among its training processes.
+    cpu_threads: Optional[int] = setting(None, check=lambda v: v is None or positive_int(v),
+                                         allowed="a positive integer (null: cores / processes)")
+
+
+SPEED_KEYS = tuple(f.name for f in dataclasses.fields(SpeedConfig))
+
+
+@dataclass
+class TrainConfig(SpeedConfig):
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    seed: int = setting(0, check=non_negative_int, allowed="an integer >= 0")
+    # The run's name in W&B and in reports: the experiment (or model) and the job's overrides.
+    name: str = "${olm.run_name:}"
+    # Resume: null (fresh) or auto (the run dir's last checkpoint); ckpt_path: a checkpoint file.
+    resume: Optional[str] = setting(None, choices=("auto",))
+    ckpt_path: Optional[str] = None
+    export: bool = True  # after training: the model (Block.save format) and its tokenizer in <run dir>/model
+    optimized_metric: str = "val/loss"  # returned to Hydra sweepers (Optuna minimises it)
+
+
+# -- resolvers -------------------------------------------------------------------------------------------------------
+def default_cache_dir() -> str:
+    """Where olm keeps tokenizers and tokenized corpora: $OLM_CACHE_DIR, else $XDG_CACHE_HOME/olm, else
+    ~/.cache/olm; the same place whatever directory olm runs from."""
+    if os.environ.get("OLM_CACHE_DIR"):
+        return os.environ["OLM_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "olm")
+
+
+def _vocab_size(*, _parent_) -> int:
+    from olm.data import known_vocab_size
+
+    try:
+        return known_vocab_size(_parent_.get("source"), _parent_.get("tokenizer"),
+                                _parent_.get("tokenizer_vocab_size"), _parent_.get("tokenizer_path"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def output_dir() -> str:
+    """The job's directory: Hydra's ``runtime.output_dir`` in a running job, its ``run.dir`` when a config is only
+    printed (``--cfg job --resolve``); outside Hydra it must be given (``paths.output_dir=...``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ConfigError("paths.output_dir must be set when the config is not run by olm-train "
+                          "(e.g. paths.output_dir=outputs/my_run)")
+    hc = HydraConfig.get()
+    if OmegaConf.is_missing(hc.runtime, "output_dir") or not hc.runtime.output_dir:
+        return hc.run.dir
+    return hc.runtime.output_dir
+
+
+def run_name() -> str:
+    """``<experiment>/<the job's overrides>`` (as Hydra's ``job.override_dirname`` writes them); without an
+    experiment the overrides alone, or the model preset's name when there are none."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return "olm"
+    hc = HydraConfig.get()
+    choices = hc.runtime.choices
+    experiment = choices.get("experiment")
+    if isinstance(experiment, (list, ListConfig)):
+        experiment = "+".join(str(e) for e in experiment)
+    elif isinstance(experiment, str):
+        experiment = experiment.strip("[]").replace(",", "+").replace(" ", "")
+    overrides = hc.job.get("override_dirname") or ""
+    if experiment:
+        return f"{experiment}/{overrides}" if overrides else str(experiment)
+    return overrides or str(choices.get("model") or "olm")
+
+
+def register_resolvers() -> None:
+    resolvers = (("olm.cache_dir", default_cache_dir), ("olm.vocab_size", _vocab_size), ("olm.run_name", run_name),
+                 ("olm.output_dir", output_dir))
+    for name, fn in resolvers:
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def register_configs() -> None:
+    """The run schema (``schema_train``) and the registry's model and component schemas in Hydra's ConfigStore,
+    and olm's resolvers (idempotent). Hydra's plain compose API gets them through olm's SearchPathPlugin."""
+    from hydra.core.config_store import ConfigStore
+
+    from olm.train.schema import register_model_configs
+
+    register_resolvers()
+    root = OmegaConf.structured(TrainConfig)
+    OmegaConf.set_struct(root, False)  # experiments' own variables; the command line is strict all the same
+    ConfigStore.instance().store(name="schema_train", node=root)
+    register_model_configs()
+
+
+# -- checking ---------------------------------------------------------------------------------------------------------
+def _fields(schema: type, node: DictConfig, prefix: str = ""):
+    """(key, field, value) for every field of ``schema`` under ``node`` with declared choices or a check, nested
+    schemas walked."""
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        if f.name not in node:
+            continue
+        nested = _schema_of(f)
+        if nested is not None:
+            sub = node._get_node(f.name)
+            if isinstance(sub, DictConfig) and not sub._is_none():
+                yield from _fields(nested, sub, f"{key}.")
+            continue
+        if f.metadata.get("choices") is not None or f.metadata.get("check") is not None:
+            yield key, f, node[f.name]  # resolved only here: other keys may need a running Hydra job
+
+
+def _schema_of(f: dataclasses.Field) -> type | None:
+    factory = f.default_factory
+    if factory is not dataclasses.MISSING and isinstance(factory, type) and dataclasses.is_dataclass(factory):
+        return factory
+    return None
+
+
+def shown(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    return repr(value)
+
+
+def check_settings(cfg: DictConfig, schema: type = TrainConfig, prefix: str = "") -> None:
+    """The choices and ranges declared with :func:`setting`, over a composed config (or the node ``prefix`` of one):
+    the first violation is one ConfigError naming the key, the value and what it may be. Types are OmegaConf's to
+    enforce."""
+    for key, f, value in _fields(schema, cfg, prefix):
+        choices, check, allowed = (f.metadata.get(k) for k in ("choices", "check", "allowed"))
+        if choices is not None and value is not None and value not in choices:
+            raise ConfigError(f"{key}={shown(value)} is not known" + did_you_mean(value, choices))
+        if check is None:
+            continue
+        try:
+            good = bool(check(value))
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"{key}={shown(value)} must be {allowed}")
+
+
+def declared_keys(schema: type = TrainConfig) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def typed(node: DictConfig | dict, schema: type, prefix: str = "") -> Any:
+    """``node`` as a checked instance of ``schema`` (defaults filled in, types, choices and ranges checked; ``prefix``
+    names the node in errors): the LightningModule and the run take these objects, whether the config came from
+    Hydra, a saved config.yaml, Python or a test."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)  # interpolations point into the whole config
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+    except OmegaConfBaseException as exc:
+        key = f"{prefix}{getattr(exc, 'full_key', '')}"
+        value = getattr(exc, "value", None)
+        shown_value = f"={value!r}" if value is not None else ""
+        raise ConfigError(f"{key}{shown_value}: {first_line(exc)}") from None
+    check_settings(merged, schema, prefix)
+    return OmegaConf.to_object(merged)
+
+
+def speed_config(cfg: DictConfig | dict) -> SpeedConfig:
+    """The speed options (top-level keys) of a run config as a checked SpeedConfig."""
+    return typed({k: cfg[k] for k in SPEED_KEYS if k in cfg}, SpeedConfig)
+
+
+def conf_dir() -> Path:
+    """olm's config tree (package data; in a checkout, ``conf/`` links here)."""
+    return Path(__file__).resolve().parents[1] / "conf"

@@ -1,0 +1,121 @@
+"""The outcome of a run: ``summary.json``, the final lines it prints, and how a failure ends the command.
+
+Exit codes: 0 finished; 2 a mistake in the input (config keys and values, data, checkpoint files); 1 a fault of the
+run (NaN/inf loss, a checkpoint that cannot be written, a dead rank, a full disk); 143 (128 + SIGTERM) stopped by
+SIGTERM (e.g. a SLURM preemption). Anything else is a bug in olm or below it and keeps its traceback (as does
+everything with OLM_FULL_ERROR=1 or HYDRA_FULL_ERROR=1).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from olm.errors import ConfigError, OlmError, config_error_cause, first_line
+
+# OS errors that are the environment's (full disk, quota, read-only or forbidden paths), not a bug.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+SIGTERM_EXIT = 128 + int(signal.SIGTERM)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` atomically: a reader (olm compare, a sweep) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def sigterm_message(run_dir: Path | None) -> str:
+    """What a SIGTERM leaves behind: a checkpoint to resume from, or nothing yet."""
+    from olm.train.callbacks import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir) if run_dir is not None else None
+    if latest is None:
+        return ("stopped by SIGTERM before the first checkpoint (written at each validation, every "
+                "trainer.val_check_interval steps); there is nothing to resume, start the run again")
+    return f"stopped by SIGTERM; continue from {latest.name} with: olm-train resume=auto hydra.run.dir={run_dir}"
+
+
+def one_line_error(exc: BaseException, run_dir: Path | None = None) -> tuple[int, str] | None:
+    """(exit code, message) for failures olm reports as ``error: <one line>``, None for bugs (module docstring)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, SIGTERMException):  # a SystemExit: without this the run would end with status 0
+        return SIGTERM_EXIT, sigterm_message(run_dir)
+    if os.environ.get("OLM_FULL_ERROR") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return None
+    if isinstance(exc, ConfigError):
+        return 2, first_line(exc)
+    if isinstance(exc, OlmError):
+        return 1, first_line(exc)
+    if isinstance(exc, OmegaConfBaseException):  # e.g. a mandatory value (???) left unset, a bad interpolation
+        cause = config_error_cause(exc)
+        if cause is not None:  # raised by an olm resolver (olm.vocab_size)
+            return 2, first_line(cause)
+        key = getattr(exc, "full_key", None)
+        text = first_line(exc)
+        return 2, f"{key}: {text}" if key and key not in text else text
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        name = f" ({exc.filename})" if exc.filename else ""
+        return 1, f"{exc.strerror or first_line(exc)}{name}"
+    return None
+
+
+def write_failed_summary(run_dir: Path, exc: BaseException) -> None:
+    """``summary.json`` saying ``failed`` or ``interrupted``, unless the run dir already holds a summary (a failed
+    resume never overwrites the record of the run it continued)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        if not run_dir.is_dir() or (run_dir / "summary.json").exists():
+            return
+        status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SIGTERMException)) else "failed"
+        error = "stopped by SIGTERM" if isinstance(exc, SIGTERMException) else first_line(exc)
+        write_json(run_dir / "summary.json", {"status": status, "error": error})
+    except Exception:  # e.g. the disk is full: the error itself still reaches stderr
+        return
+
+
+def summarize(run_dir: Path, metrics: dict[str, float], *, datamodule, trainer, throughput, checkpoint,
+              num_params: int, started: float) -> dict[str, Any]:
+    """The finished run's summary.json entries."""
+    val_loss = metrics.get("val/loss")
+    on_gpu = torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda"
+    return {
+        "status": "finished",
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss) if val_loss is not None and val_loss < 50 else None,
+        "val_bpb": metrics.get("val/bpb"),
+        "gzip_bpb": datamodule.gzip_bits_per_byte(),
+        "num_parameters": num_params,
+        "steps": trainer.global_step,
+        "tokens_seen": trainer.global_step * throughput.tokens_per_step,
+        "tokens_per_sec": throughput.tokens_per_sec,
+        "mfu": throughput.mfu,
+        "wall_time_s": round(time.time() - started, 2),
+        "checkpoint": checkpoint.best_model_path or checkpoint.last_model_path or None,
+        "last_checkpoint": checkpoint.last_model_path or None,
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "world_size": trainer.world_size,
+    }
+
+
+def final_lines(run_dir: Path, summary: dict[str, Any]) -> list[str]:
+    """What the command prints when a run finishes: where it is, its val loss and bits/byte, its speed."""
+    val_loss = summary["val_loss"]
+    lines = [f"val loss {val_loss:.4f} nats/token" if val_loss is not None else "val loss n/a"]
+    if summary["val_bpb"] is not None:
+        lines.append(f"val bits/byte {summary['val_bpb']:.3f} (gzip -9 on the same text: {summary['gzip_bpb']:.3f})")
+    if summary["tokens_per_sec"]:
+        mfu = f", MFU {summary['mfu']:.1%}" if summary["mfu"] else ""
+        lines.append(f"{summary['tokens_per_sec']:,.0f} tokens/s{mfu}")
+    return ["", f"== {run_dir}", *lines]

@@ -1,0 +1,136 @@
+"""Resuming a run from the command line: ``olm-train resume=auto hydra.run.dir=X [overrides]``.
+
+The resumed job is composed from X's own overrides (Hydra's record in ``X/.hydra``, or the latest resume's), with
+the new overrides on top, so that ``resume=auto hydra.run.dir=X`` alone continues X exactly as it was configured.
+New overrides may change how the run continues (``trainer.max_steps=60``, the logger, ``optim.lr``, speed options),
+never what it trains: a change of the model or the data is refused with one line naming the keys, before anything is
+written. Each resume keeps Hydra's record of itself in ``X/.hydra/resume-<n>/``; X's first record stays as it was.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from olm.errors import ConfigError
+
+# Data keys that change how the data is read, not which tokens are trained on.
+DATA_KEYS_FREE_ON_RESUME = {"num_workers", "pin_memory", "cache_dir"}
+HYDRA_RECORD = ".hydra"
+
+
+@dataclass
+class ResumePlan:
+    run_dir: Path
+    overrides: list[str]  # the job's overrides: X's own, then the new ones
+    record_subdir: str  # where Hydra keeps this resume's record, relative to the run dir
+    finished_note: str | None = None  # set when there is nothing left to train
+
+
+def _key(override: str) -> str:
+    return re.split(r"=", override.lstrip("+~"), maxsplit=1)[0]
+
+
+def requested_run_dir(overrides: list[str]) -> Path | None:
+    """X when the overrides ask for ``resume=auto`` in ``hydra.run.dir=X``."""
+    if "resume=auto" not in overrides:
+        return None
+    dirs = [o.split("=", 1)[1] for o in overrides if _key(o) == "hydra.run.dir"]
+    return Path(dirs[-1]) if dirs else None
+
+
+def latest_record(run_dir: Path) -> Path | None:
+    """The Hydra record (a ``.hydra`` dir) of the latest job that ran in ``run_dir``."""
+    base = run_dir / HYDRA_RECORD
+    resumes = sorted(base.glob("resume-*"), key=lambda p: int(p.name.split("-")[1]) if p.name[7:].isdigit() else 0)
+    for candidate in [*reversed(resumes), base]:
+        if (candidate / "overrides.yaml").is_file():
+            return candidate
+    return None
+
+
+def merge_overrides(saved: list[str], new: list[str]) -> list[str]:
+    """``saved`` with ``new`` on top: one override per key, the newest winning."""
+    merged: dict[str, str] = {}
+    for override in [*saved, *new]:
+        merged.pop(_key(override), None)
+        merged[_key(override)] = override
+    return list(merged.values())
+
+
+def plan(overrides: list[str], compose) -> ResumePlan | None:
+    """The resumed job for ``overrides``, or None when they do not resume an existing run (a fresh run, or
+    ``resume=auto`` on a run dir that holds no run yet). ``compose(overrides)`` composes a config as olm-train would."""
+    run_dir = requested_run_dir(overrides)
+    if run_dir is None:
+        return None
+    record = latest_record(run_dir)
+    saved_config = run_dir / "config.yaml"
+    if record is None or not saved_config.is_file():
+        return None
+    own = [o for o in OmegaConf.load(record / "overrides.yaml") if _key(str(o)) not in ("resume", "ckpt_path")]
+    new = [o for o in overrides if _key(o) not in ("resume", "hydra.run.dir")]
+    merged = merge_overrides([str(o) for o in own], new)
+    cfg = compose(merged)
+    saved = OmegaConf.load(saved_config)
+    refuse_changes(saved, cfg, new)
+    next_index = 1 + max([int(p.name.split("-")[1]) for p in (run_dir / HYDRA_RECORD).glob("resume-*")
+                          if p.name[7:].isdigit()] or [0])
+    return ResumePlan(run_dir, merged, f"{HYDRA_RECORD}/resume-{next_index}",
+                      finished_note=_finished(run_dir, cfg))
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def changed_keys(saved: Any, current: Any, prefix: str) -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current), key=str):
+            out += changed_keys(saved.get(key), current.get(key), f"{prefix}.{key}")
+        return out
+    return [] if saved == current else [prefix]
+
+
+def refuse_changes(saved: DictConfig, cfg: DictConfig, new: list[str]) -> None:
+    """A resumed run trains the same model on the same data: anything else is a new run."""
+    model = changed_keys(_plain(saved.model), _plain(cfg.model), "model")
+    data = [k for k in changed_keys(_plain(saved.data), _plain(cfg.data), "data")
+            if k.split(".")[1] not in DATA_KEYS_FREE_ON_RESUME]
+    changed = model + data
+    if not changed:
+        return
+    blamed = [o for o in new if any(_key(o) == k or k.startswith(_key(o).replace("/", ".") + ".")
+                                    or _key(o) == k.rsplit(".", 1)[0] for k in changed)]
+    what = ", ".join(blamed) if blamed else ", ".join(changed[:4])
+    shown = "; ".join(f"{k}: {_at(saved, k)!r} -> {_at(cfg, k)!r}" for k in changed[:3])
+    raise ConfigError(f"resume: {what} would change what the run trains ({shown}); a resumed run keeps its model "
+                      "and data: start a new run for that, or drop the override")
+
+
+def _at(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=None)
+    return _plain(value)
+
+
+def _finished(run_dir: Path, cfg: DictConfig) -> str | None:
+    """A note when the run already trained to the resumed job's ``trainer.max_steps``."""
+    import json
+
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return None
+    try:
+        record = json.loads(summary.read_text())
+    except ValueError:
+        return None
+    steps = record.get("steps")
+    if record.get("status") == "finished" and isinstance(steps, int) and steps >= cfg.trainer.max_steps:
+        return (f"{run_dir} finished at step {steps} (trainer.max_steps={cfg.trainer.max_steps}); nothing to resume. "
+                f"To train it further: olm-train resume=auto hydra.run.dir={run_dir} trainer.max_steps=<more steps>")
+    return None

@@ -1,0 +1,511 @@
+"""The run half of the config: one typed declaration, one validation path for every entry point, Hydra's plain API,
+resume rules that cannot damage a run, and the first-hour behaviour of olm-train (help, names, quiet logs, debug)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf, open_dict
+
+import olm
+from olm.errors import ConfigError
+from olm.train import cli
+from olm.train.checks import check_run
+from olm.train.compose import compose
+from olm.train.config import DataConfig, TrainConfig, conf_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["+experiment=smoke", "logger=none"]
+
+# The issue's examples, and what each must say: the key, the value, the allowed values or the closest key.
+BAD_RUN_KEYS = {
+    "optim.lrr=1": "optim.lrr is not a config key; did you mean 'lr'?",
+    "optim.lr=abc": "optim.lr='abc': Value 'abc' of type 'str' could not be converted to Float",
+    "scheduler.name=cosin": "scheduler.name='cosin' is not known; did you mean 'cosine'? known: cosine, linear, "
+                            "constant, wsd",
+    "compile=maybe": "compile='maybe': Value 'maybe' is not a valid bool",
+    "trainer.max_steps=-5": "trainer.max_steps=-5 must be a positive integer",
+    "data.batch_size=0": "data.batch_size=0 must be a positive integer",
+    "model.num_heads=3": "model.embed_dim=32 must be divisible by model.num_heads=3",
+}
+
+
+def cli_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """olm-train in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["olm-train", *argv])
+    capsys.readouterr()
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def olm_train(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "olm.train", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+# ---- one declaration ----------------------------------------------------------------------------------------------
+def test_no_run_key_is_read_with_a_fallback_default():
+    """Every run default lives in olm/train/config.py: Python never supplies a second one with cfg.get(key, x)."""
+    for path in (ROOT / "olm" / "train").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"\bcfg\.get\(|_cfg\.get\(|cfg\.\w+\.get\(\"(?!max_seq_len|vocab_size)", text), path.name
+
+
+def test_group_files_only_state_what_differs_from_the_schema():
+    """A value written in a group file equal to the schema's default is a second copy of that default."""
+    defaults = OmegaConf.structured(TrainConfig)
+    for group in ("data", "trainer", "optim", "scheduler", "logger", "callbacks", "paths"):
+        for path in (conf_dir() / group).glob("*.yaml"):
+            node = OmegaConf.to_container(OmegaConf.load(path) or OmegaConf.create()) or {}
+            for key, value in node.items():
+                if key in ("defaults", "name", "source") or isinstance(value, dict):
+                    continue
+                assert value != OmegaConf.to_container(defaults[group])[key], f"{path.name}: {group}.{key}={value}"
+
+
+def test_data_schema_is_the_datamodule_signature():
+    from olm.data import SOURCES, TOKENIZERS, TextDataModule
+    from olm.train import config
+
+    params = list(inspect.signature(TextDataModule).parameters)
+    assert [f.name for f in dataclasses.fields(DataConfig)] == params
+    assert config.DATA_SOURCES == SOURCES and config.TOKENIZERS == TOKENIZERS
+
+
+def test_the_module_takes_typed_configs():
+    from olm.train.module import LMModule
+
+    names = list(inspect.signature(LMModule).parameters)
+    assert names[:4] == ["model_cfg", "optim", "scheduler", "speed"] and len(names) <= 8
+
+
+# ---- one validation path for every entry point ---------------------------------------------------------------------
+@pytest.mark.parametrize("override", BAD_RUN_KEYS)
+def test_bad_run_keys_are_one_line_errors_through_every_entry_point(override, monkeypatch, capsys, tmp_path):
+    message = BAD_RUN_KEYS[override]
+    base = ["model=lm_tiny", "data.tokenizer=byte", *SMOKE]
+    runs = {
+        "single run": [*base, override],
+        "multirun": ["-m", *base, "seed=0,1", override],
+        "--cfg job": ["--cfg", "job", *base, override],
+        "--config-path": ["--config-path", str(conf_dir()), *base, override],
+        "--config-dir": ["--config-dir", str(tmp_path), *base, override],
+    }
+    for name, argv in runs.items():
+        code, out, err = cli_main([*argv, f"hydra.sweep.dir={tmp_path}/sweep"], monkeypatch, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+        assert message in lines[0], (name, lines[0])
+        assert "Traceback" not in err and not out.strip(), name
+    assert not (tmp_path / "sweep").exists()  # a refused multirun leaves no sweep dir behind
+    # Hydra's own compose API: the types fail while composing, naming the key; olm's checks give the same line.
+    key = override.split("=")[0]
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        try:
+            cfg = hydra_compose("train", overrides=[*base, override])
+        except ConfigCompositionException as exc:
+            assert key.split(".")[-1] in str(exc) + str(exc.__cause__)
+            return
+    with pytest.raises(ConfigError) as info:
+        check_run(cfg)
+    assert message in str(info.value)
+
+
+def test_a_sweep_is_checked_job_by_job_before_it_starts(monkeypatch, capsys, tmp_path):
+    argv = ["-m", "model=lm_tiny", *SMOKE, "model.num_heads=2,3", f"hydra.sweep.dir={tmp_path}/sweep"]
+    code, _, err = cli_main(argv, monkeypatch, capsys)
+    assert code == 2 and err.strip() == "error: model.embed_dim=32 must be divisible by model.num_heads=3 (all heads share one size)"
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_sequence_that_cannot_fit_in_memory_is_refused_with_the_estimate(monkeypatch, capsys):
+    code, _, err = cli_main(["--cfg", "job", "model=lm_tiny", "data.seq_len=99999"], monkeypatch, capsys)
+    assert code == 2
+    match = re.fullmatch(r"error: data.seq_len=99999 with data.batch_size=16 needs at least ([\d.]+) GiB per step "
+                         r"\(estimated: .*\), more than the ([\d.]+) GiB of .*", err.strip())
+    assert match and float(match[1]) > float(match[2]), err
+    # the estimate's logits term: 16 x 99999 tokens x 4096 ids x 4 bytes, for the logits and their gradient
+    assert float(match[1]) >= 2 * 16 * 99999 * 4096 * 4 / 2**30
+
+
+def test_memory_estimate_is_a_lower_bound_of_a_measured_step():
+    """The estimate never exceeds what a step really takes (so it refuses only runs that cannot fit)."""
+    import torch
+
+    from olm.train.checks import activation_bytes
+
+    code = textwrap.dedent("""
+        import torch, olm
+
+        def status(field):  # kB
+            return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
+
+        m = olm.build_model(dict(vocab_size=4096, embed_dim=32, num_heads=2, num_layers=2, max_seq_len=2048))
+        x = torch.randint(0, 4096, (4, 2048))
+        open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current size
+        before = status("VmRSS:")
+        torch.nn.functional.cross_entropy(m(x).flatten(0, 1), x.flatten()).backward()
+        print((status("VmHWM:") - before) * 1024)
+    """)
+    measured = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
+    with torch.device("meta"):
+        model = olm.build_model(dict(vocab_size=4096, embed_dim=32, num_heads=2, num_layers=2, max_seq_len=2048))
+    estimate = activation_bytes(model, 4, 2048, fused_loss=False)
+    assert 0.3 * measured < estimate < measured, (estimate, measured)
+
+
+# ---- Hydra's plain API -----------------------------------------------------------------------------------------------
+def test_hydra_plain_api_composes_and_builds_every_preset_with_no_olm_call(tmp_path):
+    """As a notebook or a conftest would: Hydra's initialize + compose, then olm.build_model. The child process
+    imports nothing of olm.train; olm's SearchPathPlugin registers the schemas."""
+    code = textwrap.dedent("""
+        import sys, torch
+        from hydra import compose, initialize_config_dir, initialize_config_module
+        import olm
+        from pathlib import Path
+        conf = Path(olm.__file__).parent / "conf"
+        presets = sorted(p.stem for p in (conf / "model").glob("*.yaml"))
+        with initialize_config_dir(str(conf), version_base="1.3"):
+            for name in presets:
+                cfg = compose("train", overrides=[f"model={name}"])
+                with torch.device("meta"):
+                    model = olm.build_model(cfg.model)
+                print(name, model.vocab_size, sum(p.numel() for p in model.parameters()))
+        assert "olm.train.cli" not in sys.modules
+        with initialize_config_module("olm.conf", version_base="1.3"):
+            cfg = compose("train", overrides=["model=llama_small", "data.tokenizer=byte"])
+            print("module", olm.build_model(cfg.model).vocab_size)
+            try:
+                compose("train", overrides=["data=bin", "data.path=/x"]).model.vocab_size
+            except Exception as exc:
+                print("bin", exc.__cause__ or exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    built = {line.split()[0]: int(line.split()[1]) for line in lines if line.split()[0] not in ("module", "bin")}
+    assert len(built) == len(list((conf_dir() / "model").glob("*.yaml"))) and set(built.values()) == {4096}
+    assert "module 256" in lines
+    assert any(line.startswith("bin ") and "data.vocab_size" in line for line in lines), lines
+
+
+def test_cfg_job_resolve_prints_the_resolved_config(monkeypatch, capsys):
+    code, out, err = cli_main(["--cfg", "job", "--resolve", "model=lm_tiny", "data.tokenizer=byte"], monkeypatch, capsys)
+    assert code == 0, err
+    cfg = OmegaConf.create(out)
+    assert cfg.model.vocab_size == 256 and cfg.data.vocab_size == 256 and cfg.model.max_seq_len == 256
+    assert cfg.name == "data.tokenizer=byte,model=lm_tiny" and "${" not in out
+    assert Path(cfg.paths.cache_dir).name == "olm" and not cfg.paths.cache_dir.startswith(".")
+
+
+def test_vocab_size_is_known_without_a_tokenizer_or_names_the_key(tmp_path):
+    assert compose(["data.tokenizer=byte"]).model.vocab_size == 256
+    assert compose(["data.tokenizer_vocab_size=1000"]).model.vocab_size == 1000  # bpe: exactly that many ids
+    with pytest.raises(ConfigError, match=r"^data.vocab_size must be set for data.source='bin'"):
+        check_run(compose(["data=bin", f"data.path={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"^data.tokenizer_path=None: the hf tokenizer needs a tokenizer.json"):
+        check_run(compose(["data.tokenizer=hf"]))
+
+
+# ---- resume ----------------------------------------------------------------------------------------------------------
+def record_of(run_dir: Path) -> dict[str, bytes]:
+    files = ["config.yaml", "metrics.csv", "summary.json", *(str(p.relative_to(run_dir)) for p in
+                                                              (run_dir / ".hydra").rglob("*.yaml"))]
+    return {name: (run_dir / name).read_bytes() for name in files}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 20-step smoke run (checkpoints at steps 10 and 20), shared by the resume tests: copy it before changing it."""
+    root = tmp_path_factory.mktemp("resume")
+    proc = olm_train([*SMOKE, "model=lm_tiny", "trainer.val_check_interval=10", f"hydra.run.dir={root}/run"], root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run"
+
+
+def test_resume_alone_on_a_finished_run_changes_nothing(finished_run, monkeypatch, capsys):
+    before = record_of(finished_run)
+    code, _, err = cli_main(["resume=auto", f"hydra.run.dir={finished_run}"], monkeypatch, capsys)
+    assert code == 0 and f"{finished_run} finished at step 20 (trainer.max_steps=20); nothing to resume" in err
+    assert record_of(finished_run) == before
+
+
+@pytest.mark.parametrize("override,named", [
+    ("model.embed_dim=64", "model.embed_dim=64"),
+    ("model=llama_tiny", "model=llama_tiny"),
+    ("data.seq_len=16", "data.seq_len=16"),
+    ("data.tokenizer=bpe", "data.tokenizer=bpe"),
+])
+def test_a_resume_that_changes_the_model_or_data_is_refused_and_writes_nothing(finished_run, override, named,
+                                                                              monkeypatch, capsys):
+    before = record_of(finished_run)
+    argv = ["resume=auto", f"hydra.run.dir={finished_run}", "trainer.max_steps=30", override]
+    code, _, err = cli_main(argv, monkeypatch, capsys)
+    assert code == 2 and err.startswith(f"error: resume: {named} would change what the run trains"), err
+    assert len(err.strip().splitlines()) == 1
+    assert record_of(finished_run) == before
+
+
+def test_resume_extends_a_finished_run_with_its_own_config(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(finished_run), str(run_dir)], check=True)
+    original_hydra = {k: v for k, v in record_of(run_dir).items() if k.startswith(".hydra")}
+    rows_before = (run_dir / "metrics.csv").read_text().splitlines()
+    proc = olm_train(["resume=auto", f"hydra.run.dir={run_dir}", "trainer.max_steps=30"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 30
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[: len(rows_before)] == rows_before  # the first 20 steps' rows are kept as they were
+    steps = [int(r.split(",")[3]) for r in rows[len(rows_before):]]
+    assert steps and min(steps) >= 20 and max(steps) == 29  # continued from step 20, not from 0
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert saved.trainer.max_steps == 30 and saved.model.embed_dim == 32 and saved.logger.name == "none"
+    assert {k: v for k, v in record_of(run_dir).items() if k in original_hydra} == original_hydra
+    assert OmegaConf.load(run_dir / ".hydra/resume-1/overrides.yaml")[-2:] == ["trainer.max_steps=30", "resume=auto"]
+
+
+def test_resume_auto_without_a_checkpoint_says_so(tmp_path):
+    from olm.train.outcome import sigterm_message
+    from olm.train.run import resume_checkpoint
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert "before the first checkpoint" in sigterm_message(run_dir) and "resume=auto" not in sigterm_message(run_dir)
+    cfg = compose(["resume=auto", "data.tokenizer=byte"])
+    assert resume_checkpoint(cfg, run_dir) is None  # nothing there yet: a fresh start (e.g. a first SLURM attempt)
+    (run_dir / "metrics.csv").write_text("step\n")
+    with pytest.raises(ConfigError, match="holds no checkpoint .* nothing to resume, start a new run"):
+        resume_checkpoint(cfg, run_dir)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_text("x")
+    assert "resume=auto hydra.run.dir=" in sigterm_message(run_dir)
+
+
+# ---- the first hour ----------------------------------------------------------------------------------------------
+def test_help_describes_olm(monkeypatch, capsys):
+    code, out, _ = cli_main(["--help"], monkeypatch, capsys)
+    assert code == 0 and out.startswith("olm-train: train a language model")
+    assert "schema" not in out and "Outputs: outputs/runs/" in out and "resume=auto hydra.run.dir=" in out
+    groups = dict(line.strip().split(": ", 1) for line in out.splitlines() if re.match(r"  [a-z_/]+: ", line))
+    assert "lm_small*" in groups["model"] and "lm_tiny" in groups["model"]
+    assert set(groups["debug"].split(", ")) == {"default", "fdr", "limit", "overfit", "profiler"}
+    assert "gqa" in groups["model/attention"]
+
+
+def test_olm_models_lists_the_config_presets_too(capsys):
+    from olm.cli import main
+
+    assert main(["models", "--family", "config"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert {"lm_tiny", "lm_small", "llama_small"} <= set(rows)
+    assert rows["lm_tiny"][1] == "config" and rows["lm_tiny"][4] == "256"  # context: data.seq_len
+
+
+def test_run_names_come_from_the_experiment_and_overrides(tmp_path):
+    proc = olm_train(["-m", "+experiment=[ffn_multiplier,smoke]", "model.ff_multiplier=2", "seed=0,1",
+                      "trainer.max_steps=6", "trainer.val_check_interval=6", "logger=csv",
+                      f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = {OmegaConf.load(p).name for p in (tmp_path / "sweep").glob("*/config.yaml")}
+    assert names == {"ffn_multiplier+smoke/model.ff_multiplier=2"}  # the seed is not part of the variant's name
+    assert sorted(p.name for p in (tmp_path / "sweep" / "0").glob("*.log")) == ["train.log"]
+    # quiet by default: no FLOPs column, no "Epoch 0/-2", no TPU line
+    log = (tmp_path / "sweep" / "0" / "train.log").read_text() + proc.stdout + proc.stderr
+    assert "FLOPs" not in log and "Flops" not in log and "/-2" not in log and "TPU" not in log
+
+
+def test_an_error_is_printed_once(tmp_path):
+    proc = olm_train([*SMOKE, "data=text", f"data.path={tmp_path}/none", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.count("does not exist") == 1 and proc.stdout.count("does not exist") == 0, proc.stderr
+
+
+def test_cpu_threads_never_oversubscribe_the_cores(monkeypatch):
+    from olm.train.speed import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert cpu_threads(None, 1) == 2 and cpu_threads(None, 2) == 1 and cpu_threads(None, 4) == 1
+    assert cpu_threads(3, 2) == 3  # cpu_threads=3 wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads(None, 1) == 1
+
+
+# ---- debug configs ---------------------------------------------------------------------------------------------------
+def debug_run(tmp_path: Path, name: str, extra=()) -> Path:
+    from olm.train.run import train
+
+    cfg = compose([f"debug={name}", "model=lm_tiny", "data.tokenizer=byte", "data.seq_len=32", "data.batch_size=4",
+                   "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=5", *extra])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / name)
+    train(cfg)
+    return tmp_path / name
+
+
+def test_debug_fast_dev_run_runs_one_batch_and_writes_no_checkpoint(tmp_path):
+    run_dir = debug_run(tmp_path, "fdr")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["val_loss"] is not None
+    assert not list(run_dir.glob("checkpoints/*.ckpt"))
+
+
+def test_debug_overfit_drives_the_loss_of_one_batch_down(tmp_path):
+    import csv
+
+    run_dir = debug_run(tmp_path, "overfit", ["trainer.max_steps=40", "trainer.val_check_interval=40",
+                                              "optim.lr=2e-2", "trainer.detect_anomaly=false"])
+    with open(run_dir / "metrics.csv") as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_debug_profiler_writes_its_report(tmp_path):
+    run_dir = debug_run(tmp_path, "profiler", ["trainer.max_steps=4", "trainer.val_check_interval=4"])
+    report = (run_dir / "fit-profile.txt").read_text()
+    assert "run_training_batch" in report
+
+
+# ---- olm as an installed library -----------------------------------------------------------------------------------
+TEAM_BLOCKS = '''
+import torch
+from olm.nn import Block
+from olm.registry import register
+
+
+@register("norm", "scalenorm")
+class ScaleNorm(Block):
+    """ScaleNorm: x * g / ||x||."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.g, self.eps = torch.nn.Parameter(torch.tensor(dim**0.5)), eps
+
+    def forward(self, x):
+        return self.g * x / x.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+'''
+TEAM_PRESET = """\
+# A team preset on olm's schema, with the team's own norm.
+defaults:
+  - schema_lm
+  - attention: mha
+  - norm: scalenorm
+  - ffn: swiglu
+  - position: rope
+  - _self_
+imports: [team_blocks]
+vocab_size: ${data.vocab_size}
+max_seq_len: ${data.seq_len}
+embed_dim: 32
+num_heads: 2
+num_layers: 2
+"""
+TEAM_DATA = """\
+# The team's corpus.
+source: text
+path: ${oc.env:TEAM_DATA}
+tokenizer: byte
+seq_len: 32
+batch_size: 4
+val_batches: 2
+"""
+TEAM_EXPERIMENT = """\
+# @package _global_
+defaults:
+  - override /model: team_tiny
+  - override /data: team_corpus
+  - override /trainer: cpu
+  - override /logger: csv
+trainer: {max_steps: 6, val_check_interval: 6, enable_progress_bar: false}
+scheduler: {warmup_steps: 1}
+sample: {max_new_tokens: 0}
+hydra:
+  sweeper:
+    params:
+      model.ff_multiplier: 2,3
+"""
+
+
+@pytest.mark.slow
+def test_the_wheel_runs_a_team_repository_from_a_fresh_environment(tmp_path):
+    """olm built as a wheel and installed (not editable) into a new environment outside the checkout; a team
+    repository with its own conf/ (a preset, a data config, experiments/) and its own block composes on top of
+    olm's tree and trains, from the team's directory."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheels), str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next(wheels.glob("olm-*.whl"))
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "olm/conf/train.yaml" in names and "olm/conf/experiment/ffn_multiplier.yaml" in names
+    assert "hydra_plugins/olm_plugins/__init__.py" in names
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True, timeout=120)
+    python = env_dir / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # olm's dependencies come from the test environment's site-packages (a path entry: its .pth files, olm's
+    # editable install among them, are not run); olm itself only from the wheel.
+    deps = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "test_deps.pth").write_text(deps + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+
+    team = tmp_path / "team"
+    for path, text in {"team_blocks.py": TEAM_BLOCKS, "conf/model/team_tiny.yaml": TEAM_PRESET,
+                       "conf/data/team_corpus.yaml": TEAM_DATA,
+                       "conf/experiments/team_ablation.yaml": TEAM_EXPERIMENT,
+                       **{f"corpus/notes{i}.txt": f"def add{i}(a, b):\n    return a + b\n" * 40 for i in range(40)},
+                       }.items():
+        (team / path).parent.mkdir(parents=True, exist_ok=True)
+        (team / path).write_text(text)
+    env = {**os.environ, "TEAM_DATA": str(team / "corpus"), "OMP_NUM_THREADS": "1",
+           "OLM_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("PYTHONPATH", None)
+    olm_train = str(env_dir / "bin" / "olm-train")
+    where = subprocess.run([str(python), "-c", "import olm; print(olm.__file__)"], cwd=team, env=env,
+                           capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(env_dir)), where  # the wheel's olm, not the checkout's
+
+    proc = subprocess.run([olm_train, "-m", "+experiment=team_ablation", f"hydra.sweep.dir={tmp_path}/sweep"],
+                          cwd=team, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        summary = json.loads((tmp_path / "sweep" / job / "summary.json").read_text())
+        saved = OmegaConf.load(tmp_path / "sweep" / job / "config.yaml")
+        assert summary["status"] == "finished" and summary["steps"] == 6
+        assert saved.model.norm.name == "scalenorm" and saved.data.path == str(team / "corpus")
+    assert {OmegaConf.load(tmp_path / "sweep" / j / "config.yaml").model.ff_multiplier for j in "01"} == {2, 3}
+    # olm's own presets with the team's block chosen on the command line, from anywhere
+    proc = subprocess.run([olm_train, "model=lm_tiny", "model.imports=[team_blocks]", "model/norm=scalenorm",
+                           "data=team_corpus", "trainer=cpu", "logger=none", "trainer.max_steps=2",
+                           "trainer.val_check_interval=2", "scheduler.warmup_steps=0", "sample.max_new_tokens=0",
+                           f"hydra.run.dir={tmp_path}/single"], cwd=team, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (team / ".cache").exists() and (tmp_path / "cache" / "tokens").is_dir()  # the documented cache
+    proc = subprocess.run([olm_train, "model=team_tinyy"], cwd=team, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "did you mean 'team_tiny'?" in proc.stderr, proc.stderr
