@@ -238,9 +238,8 @@ def test_sigkill_during_a_checkpoint_write_then_resume_auto_equals_an_uninterrup
     assert {0, 1, 2, 3} <= set(losses(run_dir))  # metrics.csv is flushed with every checkpoint file
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the subprocess (OMP_NUM_THREADS=1): bit-identical arithmetic
-    try:
-        resume_and_compare(tmp_path, cache_dir, monkeypatch, run_dir, common)
+    try:  # one thread, as in the subprocess (OMP_NUM_THREADS=1): bit-identical arithmetic
+        resume_and_compare(tmp_path, cache_dir, monkeypatch, run_dir, [*common, "cpu_threads=1"])
     finally:
         torch.set_num_threads(threads)
 
@@ -550,7 +549,7 @@ def test_bad_command_lines_are_one_line_errors(case, monkeypatch, capsys):
 BAD_RUNS = {
     "token ids >= vocab_size": (["data=bin", "data.path={d}/bin", "data.vocab_size=256", "model.vocab_size=256"],
                                 "token id 299 in the train split is >= the vocab size 256"),
-    "data path not set": (["data=text"], "data.path=None: data.source='text' needs a file or directory"),
+    "data path not set": (["data=text"], "data.path must be set for data.source='text' (a file or a directory)"),
     "missing data path": (["data=text", "data.path={d}/nothing"], "data.path='{d}/nothing' does not exist"),
     "empty data file": (["data=text", "data.path={d}/empty.txt"], "data.path='{d}/empty.txt' is empty"),
     "empty data dir": (["data=text", "data.path={d}/empty_dir"], "matches no file under data.path='{d}/empty_dir'"),
@@ -560,7 +559,7 @@ BAD_RUNS = {
     "bad skip count": (["callbacks.nan_guard.skip_batches=-1"], "callbacks.nan_guard.skip_batches=-1 must be an integer >= 0"),
     "bad betas": (["optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
     "cuda-graph compile mode": (["compile_mode=reduce-overhead"],
-                                "compile_mode='reduce-overhead' is not supported; supported: default, max-autotune-no-cudagraphs"),
+                                "compile_mode='reduce-overhead' is not known; known: default, max-autotune-no-cudagraphs"),
     "unknown inductor option": (["+compile_options.coordinate_descent=true"],
                                 "compile_options.coordinate_descent is not a torch inductor option"),
     "bad compile scope": (["compile_scope=layers"], "compile_scope='layers' is not known; known: model, blocks"),

@@ -143,7 +143,7 @@ def test_a_sequence_that_cannot_fit_in_memory_is_refused_with_the_estimate(monke
                          r"\(estimated: .*\), more than the ([\d.]+) GiB of .*", err.strip())
     assert match and float(match[1]) > float(match[2]), err
     # the estimate's logits term: 16 x 99999 tokens x 4096 ids x 4 bytes, for the logits and their gradient
-    assert float(match[1]) >= 2 * 16 * 99999 * 4096 * 4 / 2**30
+    assert float(match[1]) >= round(2 * 16 * 99999 * 4096 * 4 / 2**30, 1)
 
 
 def test_memory_estimate_is_a_lower_bound_of_a_measured_step():
@@ -197,7 +197,7 @@ def test_hydra_plain_api_composes_and_builds_every_preset_with_no_olm_call(tmp_p
             try:
                 compose("train", overrides=["data=bin", "data.path=/x"]).model.vocab_size
             except Exception as exc:
-                print("bin", exc.__cause__ or exc)
+                print("bin", repr(str(exc.__cause__ or exc).splitlines()[0]))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -328,7 +328,8 @@ def test_run_names_come_from_the_experiment_and_overrides(tmp_path):
                       f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = {OmegaConf.load(p).name for p in (tmp_path / "sweep").glob("*/config.yaml")}
-    assert names == {"ffn_multiplier+smoke/model.ff_multiplier=2"}  # the seed is not part of the variant's name
+    # the seed is not part of the variant's name
+    assert names == {"ffn_multiplier+smoke/model.ff_multiplier=2,trainer.max_steps=6,trainer.val_check_interval=6"}
     assert sorted(p.name for p in (tmp_path / "sweep" / "0").glob("*.log")) == ["train.log"]
     # quiet by default: no FLOPs column, no "Epoch 0/-2", no TPU line
     log = (tmp_path / "sweep" / "0" / "train.log").read_text() + proc.stdout + proc.stderr

@@ -79,7 +79,7 @@ def test_experiment_states_its_question_and_sweeps_fairly(name):
     job = compose_job([f"+experiment=[{name},smoke]", f"{key}={values[-1]}"])
     assert str(job.hydra.sweeper.params[key]).split(",") == values
     assert job.trainer.max_steps == 20 and job.trainer.accelerator == "cpu" and job.data.seq_len == 32
-    assert job.logger.group == name and job.name == f"{name}/{key}={values[-1]}"
+    assert job.logger.group == name and job.name == f"{name}+smoke/{key}={values[-1]}"
     tags = OmegaConf.to_container(job.logger.tags, resolve=True)
     assert tags[0] == name and values[-1].lower() in tags[1].lower() and all(1 <= len(t) <= 64 for t in tags)
     assert num_parameters(job) < 100_000
@@ -129,7 +129,7 @@ def test_optuna_search_gets_the_val_loss_back(tmp_path, cache_dir):
     losses = [json.loads((sweep / str(i) / "summary.json").read_text())["val_loss"] for i in (0, 1)]
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert result["best_value"] == pytest.approx(min(losses))  # the metric olm-train returned
-    assert set(result["best_params"]) == {"optim.lr", "scheduler.warmup_steps", "optim.weight_decay", "model.ff_multiplier"}
+    assert set(result["best_params"]) == {"optim.lr", "scheduler.min_lr_ratio", "optim.weight_decay", "model.ff_multiplier"}
     trials = [yaml.safe_load((sweep / str(i) / ".hydra" / "overrides.yaml").read_text()) for i in (0, 1)]
     lrs = [next(o for o in trial if o.startswith("optim.lr=")) for trial in trials]
     assert lrs[0] != lrs[1]  # the sampler proposed two trials

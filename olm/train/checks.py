@@ -90,7 +90,7 @@ def _check_undeclared_keys(cfg: DictConfig) -> None:
 def _check_between_keys(cfg: DictConfig) -> None:
     trainer, scheduler = cfg.trainer, cfg.scheduler
     total = scheduler.total_steps or trainer.max_steps
-    if scheduler.warmup_steps >= total:
+    if scheduler.warmup_steps is not None and scheduler.warmup_steps >= total:
         which = "scheduler.total_steps" if scheduler.total_steps else "trainer.max_steps"
         raise ConfigError(f"scheduler.warmup_steps={scheduler.warmup_steps} must be below {which}={total} "
                           "(the learning rate would never reach optim.lr)")

@@ -180,7 +180,9 @@ class SchedulerConfig:
     """Linear warmup, then cosine, linear, constant or warmup-stable-decay (olm.train.optim.lr_multiplier)."""
 
     name: str = setting("cosine", choices=SCHEDULES)
-    warmup_steps: int = setting(30, check=non_negative_int, allowed="an integer >= 0")
+    # null: a tenth of the schedule's steps (30 of the default 300), so a short run warms up as much as a long one.
+    warmup_steps: Optional[int] = setting(None, check=lambda v: v is None or non_negative_int(v),
+                                          allowed="an integer >= 0 (null: a tenth of the schedule's steps)")
     min_lr_ratio: float = setting(0.1, check=fraction, allowed="a number in [0, 1]")
     decay_fraction: float = setting(0.2, check=lambda v: _num(v) and 0 < v <= 1, allowed="a number in (0, 1]")
     # Steps the schedule spans (null: trainer.max_steps). Set it to plan a run that is stopped and extended later.
@@ -323,10 +325,10 @@ def run_name() -> str:
     hc = HydraConfig.get()
     choices = hc.runtime.choices
     experiment = choices.get("experiment")
-    if isinstance(experiment, (list, ListConfig)):
-        experiment = "+".join(str(e) for e in experiment)
-    elif isinstance(experiment, str):
-        experiment = experiment.strip("[]").replace(",", "+").replace(" ", "")
+    for override in hc.overrides.task:  # a list of experiments (+experiment=[a,b]) is not among the choices
+        key, _, value = str(override).lstrip("+").partition("=")
+        if key == "experiment":
+            experiment = "+".join(part.strip() for part in value.strip("[]").split(",") if part.strip())
     overrides = hc.job.get("override_dirname") or ""
     if experiment:
         return f"{experiment}/{overrides}" if overrides else str(experiment)
@@ -419,10 +421,16 @@ def typed(node: DictConfig | dict, schema: type, prefix: str = "") -> Any:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
     except OmegaConfBaseException as exc:
-        key = f"{prefix}{getattr(exc, 'full_key', '')}"
-        value = getattr(exc, "value", None)
+        key, value = getattr(exc, "full_key", "") or "", getattr(exc, "value", None)
+        if not key and isinstance(node, dict):  # e.g. a list for a mapping: find the key merge by merge
+            for name, item in node.items():
+                try:
+                    OmegaConf.merge(OmegaConf.structured(schema), {name: item})
+                except OmegaConfBaseException:
+                    key, value = name, item
+                    break
         shown_value = f"={value!r}" if value is not None else ""
-        raise ConfigError(f"{key}{shown_value}: {first_line(exc)}") from None
+        raise ConfigError(f"{prefix}{key}{shown_value}: {first_line(exc)}") from None
     check_settings(merged, schema, prefix)
     return OmegaConf.to_object(merged)
 

@@ -65,8 +65,15 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=bool(fused) or None)
 
 
+def warmup_steps(cfg: SchedulerConfig, max_steps: int) -> int:
+    """``scheduler.warmup_steps``, or a tenth of the schedule's steps when it is null."""
+    total = cfg.total_steps or max_steps
+    return cfg.warmup_steps if cfg.warmup_steps is not None else total // 10
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, max_steps: int):
     """A per-step LambdaLR of ``lr_multiplier`` over ``scheduler.total_steps`` (null: ``max_steps``)."""
-    schedule = dict(schedule=cfg.name, warmup_steps=cfg.warmup_steps, total_steps=cfg.total_steps or max_steps,
-                    min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
+    schedule = dict(schedule=cfg.name, warmup_steps=warmup_steps(cfg, max_steps),
+                    total_steps=cfg.total_steps or max_steps, min_lr_ratio=cfg.min_lr_ratio,
+                    decay_fraction=cfg.decay_fraction)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, **schedule))

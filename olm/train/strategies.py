@@ -145,7 +145,9 @@ class HydraJobLauncher(_SubprocessScriptLauncher):
                 raise ConfigError("hydra.output_subdir=null: multi-process training needs the job's saved config")
             config_dir = os.path.join(run_dir, hydra_cfg.output_subdir)
         for local_rank in range(1, self.num_processes):
-            child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
+            # The threads this rank chose (olm.train.speed.cpu_threads), from start-up on: torch sizes its thread
+            # pool when it starts, and a later change leaves CPU ranks oversubscribing the cores.
+            child_env = {"OMP_NUM_THREADS": str(torch.get_num_threads()), **os.environ, "LOCAL_RANK": str(local_rank)}
             if HydraConfig.initialized():
                 command = [
                     sys.executable, "-m", "olm.train", "--config-path", config_dir, "--config-name", "config",
