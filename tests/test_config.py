@@ -16,7 +16,7 @@ PRESETS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
 def compose_train(overrides=()):
-    register_configs()
+    """Hydra's plain compose API: olm's SearchPathPlugin registers the schemas, nothing else is called."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides))
     return cfg
