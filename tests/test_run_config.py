@@ -285,6 +285,27 @@ def test_resume_extends_a_finished_run_with_its_own_config(finished_run, tmp_pat
     assert OmegaConf.load(run_dir / ".hydra/resume-1/overrides.yaml")[-2:] == ["trainer.max_steps=30", "resume=auto"]
 
 
+def test_a_fresh_run_never_starts_over_a_run_dir_that_holds_a_run(finished_run):
+    from olm.train.run import train
+
+    before = record_of(finished_run)
+    cfg = compose([*SMOKE, "model=lm_tiny", f"paths.output_dir={finished_run}"])
+    with pytest.raises(ConfigError, match="already holds a run .*; continue it with resume=auto"):
+        train(cfg)
+    assert record_of(finished_run) == before
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_keys(finished_run, tmp_path):
+    from olm.train.run import train
+
+    cfg = compose([*SMOKE, "model=lm_tiny", "model.embed_dim=64", f"ckpt_path={finished_run}/checkpoints/last.ckpt",
+                   f"paths.output_dir={tmp_path}/run"])
+    with pytest.raises(ConfigError, match=r"holds another model than this config builds: model.embed_dim=64 "
+                                          r"\(checkpoint: 32\)"):
+        train(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_resume_auto_without_a_checkpoint_says_so(tmp_path):
     from olm.train.outcome import sigterm_message
     from olm.train.run import resume_checkpoint

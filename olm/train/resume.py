@@ -89,12 +89,20 @@ def _plain(node: Any) -> Any:
 
 
 def changed_keys(saved: Any, current: Any, prefix: str) -> list[str]:
+    """The dotted keys (under ``prefix``) of every leaf where two plain configs differ."""
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current), key=str):
             out += changed_keys(saved.get(key), current.get(key), f"{prefix}.{key}")
         return out
     return [] if saved == current else [prefix]
+
+
+def leaf(config: dict, key: str) -> Any:
+    """The value at a dotted key of a plain config whose first part is the config's own name (``model.embed_dim``)."""
+    for part in key.split(".")[1:]:
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def refuse_changes(saved: DictConfig, cfg: DictConfig, new: list[str]) -> None:

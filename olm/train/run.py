@@ -9,7 +9,8 @@ vocabulary filled in), ``metrics.csv``, ``summary.json``, ``checkpoints/`` (last
 Resume rules (``resume=auto`` or ``ckpt_path``): the checkpoint must hold the same model as the config builds (else
 one ConfigError naming the differing keys, before anything is written); a run dir whose record exists but holds no
 checkpoint is refused instead of silently started over; ``config.yaml`` and ``summary.json`` of a resumed run are
-replaced only when the resumed run finishes.
+replaced only when the resumed run finishes. A fresh run never starts over a run dir that holds checkpoints or a
+finished run.
 """
 
 from __future__ import annotations
@@ -126,15 +127,27 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         if not path.is_file():
             raise ConfigError(f"ckpt_path={str(path)!r} does not exist")
         return str(path)
-    if cfg.resume != "auto":
-        return None
     latest = latest_checkpoint(run_dir)
+    if cfg.resume != "auto":
+        if latest is not None or _finished(run_dir):
+            raise ConfigError(f"{run_dir} already holds a run (checkpoints, summary.json); continue it with "
+                              "resume=auto, or start a new run in another hydra.run.dir")
+        return None
     if latest is None and has_record(run_dir):
         raise ConfigError(f"resume=auto: {run_dir} holds no checkpoint (the run stopped before its first one, "
                           "written at each validation); nothing to resume, start a new run")
     if latest is None:
         log.info("resume=auto: no run in %s yet, starting from scratch", run_dir)
     return str(latest) if latest else None
+
+
+def _finished(run_dir: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") == "finished"
+    except (OSError, ValueError):
+        return False
 
 
 def read_checkpoint_meta(path: str | None) -> dict:
@@ -147,24 +160,18 @@ def read_checkpoint_meta(path: str | None) -> dict:
     return {**state.get("olm", {}), "global_step": state.get("global_step")}
 
 
-def differences(saved: Any, current: Any, prefix: str) -> list[str]:
-    """``prefix.key=current (saved: value)`` for every leaf where two plain configs differ."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        out = []
-        for key in sorted(set(saved) | set(current), key=str):
-            out += differences(saved.get(key), current.get(key), f"{prefix}.{key}")
-        return out
-    return [] if saved == current else [f"{prefix}={current!r} (checkpoint: {saved!r})"]
-
-
 def check_same_model(meta: dict, model, ckpt_path: str) -> None:
     saved = meta.get("model_config")
     if saved is None:
         return
-    changed = differences(saved, model.to_config(), "model")
+    from olm.train.resume import changed_keys, leaf
+
+    current = model.to_config()
+    changed = changed_keys(saved, current, "model")
     if changed:
+        shown = "; ".join(f"{key}={leaf(current, key)!r} (checkpoint: {leaf(saved, key)!r})" for key in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-        raise ConfigError(f"{ckpt_path} holds another model than this config builds: {'; '.join(changed[:3])}{more}")
+        raise ConfigError(f"{ckpt_path} holds another model than this config builds: {shown}{more}")
 
 
 PROFILERS = {"simple": "SimpleProfiler", "advanced": "AdvancedProfiler", "pytorch": "PyTorchProfiler"}
@@ -238,7 +245,8 @@ def train(cfg: DictConfig) -> float | None:
     if ckpt_path:
         check_same_model(meta, module.model, ckpt_path)
     num_params = module.model.num_parameters()
-    if ckpt_path is None:
+    continuing = has_record(run_dir)  # this run dir's own run goes on: its record is replaced once it finishes
+    if not continuing:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     loggers, wandb_logger = make_loggers(typed(cfg.logger, LoggerConfig, "logger."), str(cfg.name), run_dir,
@@ -289,7 +297,7 @@ def train(cfg: DictConfig) -> float | None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         summary = None
         if trainer.is_global_zero:
-            summary = finish(cfg, run_dir, module, datamodule, sample, metrics, resumed=ckpt_path is not None,
+            summary = finish(cfg, run_dir, module, datamodule, sample, metrics, continuing=continuing,
                              trainer=trainer, throughput=throughput, checkpoint=checkpoint, num_params=num_params,
                              started=started)
         if wandb_logger is not None and summary is not None:
@@ -315,8 +323,8 @@ def _local_processes(trainer: TrainerConfig) -> int:
     return devices if isinstance(devices, int) and devices > 0 else 1
 
 
-def finish(cfg: DictConfig, run_dir: Path, module, datamodule, sample: SampleConfig, metrics: dict, *, resumed: bool,
-           **outcome) -> dict[str, Any]:
+def finish(cfg: DictConfig, run_dir: Path, module, datamodule, sample: SampleConfig, metrics: dict, *,
+           continuing: bool, **outcome) -> dict[str, Any]:
     """Rank 0 after a finished fit: summary.json (and config.yaml for a resumed run), the export, the final lines
     and a sample."""
     from olm.generate import generate
@@ -327,7 +335,7 @@ def finish(cfg: DictConfig, run_dir: Path, module, datamodule, sample: SampleCon
         if datamodule.tokenizer is not None:
             datamodule.tokenizer.save(export_dir / "tokenizer")
         summary["model_dir"] = str(export_dir)
-    if resumed:  # the record of a resumed run is replaced only now that it has finished
+    if continuing:  # the record of a resumed run is replaced only now that it has finished
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     write_json(run_dir / "summary.json", summary)
     print("\n".join(final_lines(run_dir, summary)), flush=True)
