@@ -358,10 +358,27 @@ def test_run_names_come_from_the_experiment_and_overrides(tmp_path):
     assert "FLOPs" not in log and "Flops" not in log and "/-2" not in log and "TPU" not in log
 
 
-def test_an_error_is_printed_once(tmp_path):
-    proc = olm_train([*SMOKE, "data=text", f"data.path={tmp_path}/none", f"hydra.run.dir={tmp_path}/run"], tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.count("does not exist") == 1 and proc.stdout.count("does not exist") == 0, proc.stderr
+def test_an_error_is_printed_once_and_kept_in_the_log_file(tmp_path, capsys):
+    """As under Hydra's job logging (a console handler and the job's log file on the root logger): the console
+    gets the ``error:`` line once, the log file the message."""
+    import logging
+
+    root = logging.getLogger()
+    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(tmp_path / "train.log")]
+    for handler in handlers:
+        root.addHandler(handler)
+    cfg = compose([*SMOKE, "data=text", f"data.path={tmp_path}/none", f"paths.output_dir={tmp_path}/run"])
+    try:
+        with pytest.raises(SystemExit) as info:
+            cli.run_job(cfg)
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and err == f"error: data.path='{tmp_path}/none' does not exist\n"
+    assert "does not exist" not in out and "does not exist" in (tmp_path / "train.log").read_text()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
 
 
 def test_cpu_threads_never_oversubscribe_the_cores(monkeypatch):

@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from olm.errors import ConfigError
-from olm.train.outcome import one_line_error, write_failed_summary
+from olm.train.outcome import one_line_error, report_error, write_failed_summary
 
 log = logging.getLogger("olm")
 # Flags that make Hydra print something and exit, untouched by olm.
@@ -40,8 +40,7 @@ def run_job(cfg: DictConfig) -> float | None:
         if reported is None:
             raise
         code, message = reported
-        _log_to_file(message)
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        report_error(message)
         sys.exit(code)
 
 
@@ -50,14 +49,6 @@ def _output_dir_known(cfg: DictConfig) -> bool:
         return bool(cfg.paths.output_dir)
     except Exception:
         return False
-
-
-def _log_to_file(message: str) -> None:
-    """The error into the job's log file only (the console gets the ``error:`` line once)."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://olm.conf", config_name="train")

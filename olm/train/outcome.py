@@ -70,6 +70,20 @@ def one_line_error(exc: BaseException, run_dir: Path | None = None) -> tuple[int
     return None
 
 
+def report_error(message: str) -> None:
+    """``error: <message>`` once on stderr, and the message in the job's log file (Hydra's file handler) only: a
+    console handler would print it a second time."""
+    import logging
+    import sys
+
+    logger = logging.getLogger("olm")
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def write_failed_summary(run_dir: Path, exc: BaseException) -> None:
     """``summary.json`` saying ``failed`` or ``interrupted``, unless the run dir already holds a summary (a failed
     resume never overwrites the record of the run it continued)."""

@@ -84,8 +84,9 @@ class RankWatchdog(threading.Thread):
                 return  # the main process is handling it
             rank, pid, code = dead
             message = f"rank {rank} (pid {pid}) {_how(code)}; stopping the whole job (rank 0 did not notice within {self.grace:.0f} s)"
-            log.error("%s", message)
-            print(f"error: {message}", file=sys.stderr, flush=True)
+            from olm.train.outcome import report_error
+
+            report_error(message)
             try:
                 if self.on_failure is not None:
                     self.on_failure(message)
