@@ -325,6 +325,7 @@ def test_resume_auto_without_a_checkpoint_says_so(tmp_path):
 
 # ---- the first hour ----------------------------------------------------------------------------------------------
 def test_help_describes_olm(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per group
     code, out, _ = cli_main(["--help"], monkeypatch, capsys)
     assert code == 0 and out.startswith("olm-train: train a language model")
     assert "schema" not in out and "Outputs: outputs/runs/" in out and "resume=auto hydra.run.dir=" in out

@@ -94,6 +94,7 @@ class _ShowsLastLoss:
 
     def get_metrics(self, trainer, pl_module):
         items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)  # the logger's run id: the run dir already names the run
         loss = getattr(pl_module, "last_train_loss", None)
         if loss is not None:
             items["loss"] = f"{loss:.4g}"

@@ -147,6 +147,16 @@ def _check_search_space(cfg: DictConfig) -> None:
             raise ConfigError(f"hydra.sweeper.params.{key}: {key} is not a config key")
 
 
+def wrap(line: str) -> list[str]:
+    """A help line wrapped at the terminal's width, continued under its first item."""
+    import shutil
+    import textwrap
+
+    indent = " " * (line.index(": ") + 2) if ": " in line else "    "
+    width = shutil.get_terminal_size().columns
+    return textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False) or [line]
+
+
 def help_text() -> str:
     """``olm-train --help``: what the command does, its groups and options, common overrides, where outputs go."""
     from hydra.core.object_type import ObjectType
@@ -172,12 +182,10 @@ def help_text() -> str:
             if not options:
                 continue
             chosen = choices.get(group)
-            shown = [f"{o}*" if o == chosen else o for o in options]
-            lines.append(f"  {group}: {', '.join(shown)}")
-        components = [f"model/{kind}" for kind in ("attention", "norm", "ffn", "position")]
-        for group in components:
-            options = loader.get_group_options(group, ObjectType.CONFIG)
-            lines.append(f"  {group}: {', '.join(options)}")
+            lines += wrap(f"  {group}: {', '.join(f'{o}*' if o == chosen else o for o in options)}")
+        for kind in ("attention", "norm", "ffn", "position"):
+            options = loader.get_group_options(f"model/{kind}", ObjectType.CONFIG)
+            lines += wrap(f"  model/{kind}: {', '.join(options)}")
     lines += [
         "",
         "Common overrides:",

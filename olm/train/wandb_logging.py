@@ -29,6 +29,11 @@ def _safe_logger_class():
 
         _failed = False
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # Lightning always passes `anonymous` to wandb.init, which then warns that the setting has no effect.
+            self._wandb_init.pop("anonymous", None)
+
         def _guard(self, what: str, fn, *args, **kwargs):
             if self._failed:
                 return None
