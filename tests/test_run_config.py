@@ -282,7 +282,7 @@ def test_resume_extends_a_finished_run_with_its_own_config(finished_run, tmp_pat
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.trainer.max_steps == 30 and saved.model.embed_dim == 32 and saved.logger.name == "none"
     assert {k: v for k, v in record_of(run_dir).items() if k in original_hydra} == original_hydra
-    assert OmegaConf.load(run_dir / ".hydra/resume-1/overrides.yaml")[-2:] == ["trainer.max_steps=30", "resume=auto"]
+    assert OmegaConf.load(run_dir / ".hydra/resume-20/overrides.yaml")[-2:] == ["trainer.max_steps=30", "resume=auto"]
 
 
 def test_a_fresh_run_never_starts_over_a_run_dir_that_holds_a_run(finished_run):

@@ -4,7 +4,8 @@ The resumed job is composed from X's own overrides (Hydra's record in ``X/.hydra
 the new overrides on top, so that ``resume=auto hydra.run.dir=X`` alone continues X exactly as it was configured.
 New overrides may change how the run continues (``trainer.max_steps=60``, the logger, ``optim.lr``, speed options),
 never what it trains: a change of the model or the data is refused with one line naming the keys, before anything is
-written. Each resume keeps Hydra's record of itself in ``X/.hydra/resume-<n>/``; X's first record stays as it was.
+written. Each resume keeps Hydra's record of itself in ``X/.hydra/resume-<step>/`` (the step it continues from);
+X's first record stays as it was.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ def requested_run_dir(overrides: list[str]) -> Path | None:
 
 
 def latest_record(run_dir: Path) -> Path | None:
-    """The Hydra record (a ``.hydra`` dir) of the latest job that ran in ``run_dir``."""
+    """The Hydra record (a ``.hydra`` dir) of the latest job that ran in ``run_dir``: the resume from the latest
+    step, else the first run's."""
     base = run_dir / HYDRA_RECORD
-    resumes = sorted(base.glob("resume-*"), key=lambda p: int(p.name.split("-")[1]) if p.name[7:].isdigit() else 0)
+    resumes = sorted((p for p in base.glob("resume-*") if p.name[7:].isdigit()), key=lambda p: int(p.name[7:]))
     for candidate in [*reversed(resumes), base]:
         if (candidate / "overrides.yaml").is_file():
             return candidate
@@ -78,10 +80,18 @@ def plan(overrides: list[str], compose) -> ResumePlan | None:
     cfg = compose(merged)
     saved = OmegaConf.load(saved_config)
     refuse_changes(saved, cfg, new)
-    next_index = 1 + max([int(p.name.split("-")[1]) for p in (run_dir / HYDRA_RECORD).glob("resume-*")
-                          if p.name[7:].isdigit()] or [0])
-    return ResumePlan(run_dir, merged, f"{HYDRA_RECORD}/resume-{next_index}",
+    return ResumePlan(run_dir, merged, f"{HYDRA_RECORD}/resume-{_checkpoint_step(run_dir)}",
                       finished_note=_finished(run_dir, cfg))
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    """The step of the checkpoint a resume of ``run_dir`` continues from (0 without one). It names the resume's
+    record, the same on every rank of a job that torchrun or SLURM starts."""
+    from olm.train.callbacks import latest_checkpoint
+    from olm.train.checkpoint import load_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    return int(load_checkpoint(latest, mmap=True).get("global_step") or 0) if latest else 0
 
 
 def _plain(node: Any) -> Any:
