@@ -52,7 +52,12 @@ def _model_from_checkpoint(path: Path):
         raise ConfigError(f"checkpoint {str(path)!r} has no olm model config; was it written by olm-train?")
     model = Block.from_config(meta["model_config"])
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:  # weights of another shape than the model config the checkpoint names
+        first = str(exc).strip().splitlines()
+        reason = first[1].strip() if len(first) > 1 else first[0] if first else type(exc).__name__
+        raise ConfigError(f"checkpoint {str(path)!r}: its weights do not fit its model config ({reason})") from exc
     return model
 
 
