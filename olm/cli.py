@@ -42,6 +42,12 @@ def _run_checkpoint(run_dir: Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
+def _run_tokenizer(run_dir: Path) -> Path:
+    """Where a run keeps its tokenizer: with the exported model, else beside the checkpoints (saved at start)."""
+    exported = run_dir / "model" / "tokenizer"
+    return exported if exported.is_dir() else run_dir / "tokenizer"
+
+
 def _model_from_checkpoint(path: Path):
     from olm.nn import Block
     from olm.train.checkpoint import load_checkpoint
@@ -85,9 +91,9 @@ def load_model_and_tokenizer(ckpt: str, require_tokenizer: bool = False):
                 f"--ckpt {str(path)!r} holds no model: looked for model/config.json, config.json "
                 "and checkpoints/*.ckpt"
             )
-        model, tokenizer_dir = _model_from_checkpoint(checkpoint), path / "model" / "tokenizer"
+        model, tokenizer_dir = _model_from_checkpoint(checkpoint), _run_tokenizer(path)
     else:  # a checkpoint file, normally <run>/checkpoints/<name>.ckpt
-        model, tokenizer_dir = _model_from_checkpoint(path), path.parent.parent / "model" / "tokenizer"
+        model, tokenizer_dir = _model_from_checkpoint(path), _run_tokenizer(path.parent.parent)
 
     from olm.data import ByteTokenizer, load_tokenizer
 
@@ -176,6 +182,11 @@ def cmd_models(args) -> int:
     from olm.train.compose import compose
     from olm.zoo import PRESETS, count_parameters
 
+    families = sorted({preset.family for preset in PRESETS.values()}) + ["config"]
+    if args.family and args.family not in families:
+        from olm.errors import did_you_mean
+
+        raise ConfigError(f"--family={args.family!r} is not known" + did_you_mean(args.family, families))
     print(f"{'preset':<14} {'family':<8} {'params':>8} {'published':>10} {'context':>8}  source")
     for name, preset in PRESETS.items():
         if args.family and preset.family != args.family:

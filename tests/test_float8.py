@@ -25,7 +25,7 @@ CFG = {"name": "lm", "vocab_size": 64, "embed_dim": 32, "num_heads": 2, "num_lay
 
 def module(cfg=CFG, **kwargs):
     return LMModule(cfg, OptimConfig(lr=1e-3), SchedulerConfig(name="constant", warmup_steps=0),
-                    speed_config({"fused_loss": False, **kwargs}), max_steps=10)
+                    speed_config({"fused_loss": False, **kwargs}), max_steps=10, log_every_n_steps=10)
 
 
 def float8_names(m):

@@ -255,6 +255,8 @@ def test_resume_alone_on_a_finished_run_changes_nothing(finished_run, monkeypatc
     ("model=llama_tiny", "model=llama_tiny"),
     ("data.seq_len=16", "data.seq_len=16"),
     ("data.tokenizer=bpe", "data.tokenizer=bpe"),
+    ("shape=wide", "shape=wide"),  # an experiment variable that selects model settings
+    ("seed=3", "seed=3"),  # the data order follows the seed
 ])
 def test_a_resume_that_changes_the_model_or_data_is_refused_and_writes_nothing(finished_run, override, named,
                                                                               monkeypatch, capsys):
@@ -271,18 +273,44 @@ def test_resume_extends_a_finished_run_with_its_own_config(finished_run, tmp_pat
     subprocess.run(["cp", "-r", str(finished_run), str(run_dir)], check=True)
     original_hydra = {k: v for k, v in record_of(run_dir).items() if k.startswith(".hydra")}
     rows_before = (run_dir / "metrics.csv").read_text().splitlines()
-    proc = olm_train(["resume=auto", f"hydra.run.dir={run_dir}", "trainer.max_steps=30"], tmp_path)
+    proc = olm_train(["resume=auto", f"hydra.run.dir={run_dir}", "trainer.max_steps=30", "optim.lr=1e-4",
+                      "scheduler=constant"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 30
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert rows[: len(rows_before)] == rows_before  # the first 20 steps' rows are kept as they were
-    steps = [int(r.split(",")[3]) for r in rows[len(rows_before):]]
+    new_rows = [r.split(",") for r in rows[len(rows_before):]]
+    steps = [int(r[3]) for r in new_rows]
     assert steps and min(steps) >= 20 and max(steps) == 29  # continued from step 20, not from 0
+    # the new optimizer settings apply (Lightning would restore the checkpoint's lr): constant 1e-4 from step 20
+    assert {round(float(r[1]), 9) for r in new_rows if r[1]} == {1e-4}
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.trainer.max_steps == 30 and saved.model.embed_dim == 32 and saved.logger.name == "none"
+    assert saved.name == OmegaConf.load(finished_run / "config.yaml").name  # the run keeps its name
     assert {k: v for k, v in record_of(run_dir).items() if k in original_hydra} == original_hydra
-    assert OmegaConf.load(run_dir / ".hydra/resume-20/overrides.yaml")[-2:] == ["trainer.max_steps=30", "resume=auto"]
+    resume_overrides = OmegaConf.load(run_dir / ".hydra/resume-20/overrides.yaml")
+    assert "trainer.max_steps=30" in resume_overrides and (run_dir / ".hydra/resume-20/finished").is_file()
+
+
+def test_a_resume_that_did_not_finish_is_not_remembered(finished_run, tmp_path):
+    from olm.train.resume import latest_record
+
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(finished_run), str(run_dir)], check=True)
+    failed = run_dir / ".hydra" / "resume-20"
+    failed.mkdir()
+    (failed / "overrides.yaml").write_text("- trainer.accelerator=foo\n")  # e.g. a resume that crashed
+    assert latest_record(run_dir) == run_dir / ".hydra"
+    (failed / "finished").write_text("")
+    assert latest_record(run_dir) == failed
+
+
+def test_a_fresh_run_into_a_run_dir_holding_a_run_is_refused_before_hydra_writes(finished_run, monkeypatch, capsys):
+    before = record_of(finished_run)
+    code, _, err = cli_main([*SMOKE, "model=lm_tiny", f"hydra.run.dir={finished_run}"], monkeypatch, capsys)
+    assert code == 2 and "already holds a run" in err and "resume=auto" in err
+    assert record_of(finished_run) == before
 
 
 def test_a_fresh_run_never_starts_over_a_run_dir_that_holds_a_run(finished_run):
@@ -550,3 +578,7 @@ def test_the_wheel_runs_a_team_repository_from_a_fresh_environment(tmp_path):
     assert not (team / ".cache").exists() and (tmp_path / "cache" / "tokens").is_dir()  # the documented cache
     proc = subprocess.run([olm_train, "model=team_tinyy"], cwd=team, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "did you mean 'team_tiny'?" in proc.stderr, proc.stderr
+    # a mistake beside a team preset (whose norm is imported while composing) is still the one reported
+    proc = subprocess.run([olm_train, "--cfg", "job", "model=team_tiny", "optim.lrr=2"], cwd=team, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: optim.lrr is not a config key"), proc.stderr

@@ -212,6 +212,6 @@ def test_progress_bar_follows_lightnings_choice_and_switch(monkeypatch):
         last_train_loss = 2.3456789
 
     monkeypatch.setattr(TQDMProgressBar, "get_metrics", lambda self, trainer, pl_module: {"v_num": 0})
-    assert bar.get_metrics(None, Module()) == {"v_num": 0, "loss": "2.346"}
+    assert bar.get_metrics(None, Module()) == {"loss": "2.346"}  # and not the logger id
     Module.last_train_loss = None  # before the first log step: no loss shown
-    assert bar.get_metrics(None, Module()) == {"v_num": 0}
+    assert bar.get_metrics(None, Module()) == {}

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .corpus import SPLITS, BinCorpus, build_corpus
-from .tokenizers import ByteTokenizer, Tokenizer, build_tokenizer
+from .tokenizers import ByteTokenizer, Tokenizer, build_tokenizer, default_cache_dir
 
 SEPARATOR = "\n\n"  # joins documents when the tokenizer has no eos token
 CACHE_VERSION = 1  # bump when the token-cache format or the joining rule changes
@@ -155,7 +155,7 @@ class TextDataModule(L.LightningDataModule):
                  tokenizer_vocab_size: int = 4096, tokenizer_path: str | None = None, vocab_size: int | None = None,
                  seq_len: int = 256, batch_size: int = 16, val_batches: int | None = None, val_fraction: float = 0.05,
                  seed: int = 0, num_workers: int = 0, pin_memory: bool | None = None,
-                 cache_dir: str = ".cache/olm"):
+                 cache_dir: str | None = None):
         super().__init__()
         for key, value, low in [("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("seed", seed, 0),
                                 ("num_workers", num_workers, 0), ("val_batches", val_batches, 1)]:
@@ -169,7 +169,7 @@ class TextDataModule(L.LightningDataModule):
         self.seq_len, self.batch_size, self.val_batches = seq_len, batch_size, val_batches
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = Path(cache_dir or default_cache_dir())
         self.consumed_batches: int | None = None  # set to override the resume position read from the trainer
         self._corpus = self._tokenizer = self._train = self._val = None
         self._val_text_cache: dict[int, tuple[bytes | None, int]] = {}  # keyed by num_val_windows()

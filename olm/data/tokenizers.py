@@ -143,7 +143,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> hf.Tokenizer:
     return tok
 
 
-def build_bpe(corpus, vocab_size: int = 4096, cache_dir: str | os.PathLike = ".cache/olm") -> HFTokenizer:
+def default_cache_dir() -> str:
+    """Where olm keeps tokenizers and tokenized corpora: $OLM_CACHE_DIR, else $XDG_CACHE_HOME/olm, else
+    ~/.cache/olm; the same place whatever directory olm runs from."""
+    if os.environ.get("OLM_CACHE_DIR"):
+        return os.environ["OLM_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "olm")
+
+
+def build_bpe(corpus, vocab_size: int = 4096, cache_dir: str | os.PathLike | None = None) -> HFTokenizer:
     """Train BPE on ``corpus``'s train split, or load it from ``cache_dir`` if this exact one was trained before.
 
     The cache key hashes the corpus fingerprint (source, files, sizes, mtimes, split), the vocab size and the recipe
@@ -153,7 +162,7 @@ def build_bpe(corpus, vocab_size: int = 4096, cache_dir: str | os.PathLike = ".c
         raise ValueError(f"data.tokenizer_vocab_size={vocab_size} is too small for bpe: it needs at least 257 "
                          f"(256 bytes + {EOS})")
     key = hashlib.sha1(json.dumps([corpus.fingerprint(), vocab_size, BPE_VERSION]).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}.json"
+    path = Path(cache_dir or default_cache_dir()) / "tokenizers" / f"bpe-{vocab_size}-{key}.json"
     trained = not path.exists()
     if trained:
         tok = train_bpe(corpus.documents("train"), vocab_size)
@@ -201,7 +210,7 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
 
 
 def build_tokenizer(name: str = "byte", *, corpus=None, vocab_size: int = 4096, path=None,
-                    cache_dir: str | os.PathLike = ".cache/olm") -> Tokenizer:
+                    cache_dir: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer named by ``data.tokenizer``. ``corpus`` and ``vocab_size`` are for bpe, ``path`` for hf."""
     if name == "byte":
         return ByteTokenizer()

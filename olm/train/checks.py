@@ -1,5 +1,5 @@
 """The pre-training checks every entry point runs on a composed config (a single run, each job of a multirun,
-``--cfg job``, ``olm-train check``, ``train(cfg)`` from Hydra's compose API), before any data or model work.
+``--cfg job``, ``train(cfg)`` on a config from Hydra's compose API), before any data or model work.
 
 Each failure is one ConfigError naming the key, the value and what it may be. Types and unknown keys are enforced
 while composing (olm.train.config's schemas); this adds the declared choices and ranges, the rules between keys, the
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from olm.errors import ConfigError, closest, config_error_cause, first_line
-from olm.train.config import TrainConfig, check_settings, declared_keys
+from olm.errors import ConfigError, closest, config_error_cause, did_you_mean, first_line
+from olm.train.config import STRATEGIES, TrainConfig, check_settings, declared_keys, undeclared_keys
 
 # What Hydra may instantiate from a config (launcher, sweeper, sampler, callbacks: ``_target_``; logging handlers:
 # ``class``/``()``): Hydra's own classes, its plugins, Optuna's samplers and the logging module. Anything else would
@@ -75,8 +75,11 @@ def _check_missing(cfg: DictConfig) -> None:
 
 
 def _check_undeclared_keys(cfg: DictConfig) -> None:
-    """Experiments may keep their own variables at the top level (``shape``); one spelt like a run key is a typo
-    that would otherwise be ignored."""
+    """A group takes only the keys its schema declares. Experiments may keep their own variables at the top level
+    (``shape``); one spelt like a run key is a typo that would otherwise be ignored."""
+    for key, known in undeclared_keys(cfg):
+        parent, _, name = key.rpartition(".")
+        raise ConfigError(f"{key} is not a config key" + did_you_mean(name, sorted(known), f"known keys of {parent!r}"))
     declared = declared_keys(TrainConfig)
     for key in cfg.keys():
         if key in declared or key in NOT_SETTINGS:
@@ -96,6 +99,7 @@ def _check_between_keys(cfg: DictConfig) -> None:
                           "(the learning rate would never reach optim.lr)")
     if cfg.resume is not None and cfg.ckpt_path:
         raise ConfigError("resume=auto and ckpt_path are both set; use one (resume=auto: the run dir's last checkpoint)")
+    _check_strategy(trainer.strategy)
     if cfg.float8_head and cfg.float8 is False:
         raise ConfigError("float8_head=true needs float8 on (float8=tensorwise or rowwise)")
     if cfg.data.source != "stdlib" and not cfg.data.path:
@@ -103,6 +107,23 @@ def _check_between_keys(cfg: DictConfig) -> None:
     max_seq_len = cfg.model.get("max_seq_len")  # the model kind's own key, if it has one
     if isinstance(max_seq_len, int) and cfg.data.seq_len > max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={max_seq_len}")
+
+
+def _check_strategy(strategy: Any) -> None:
+    """``trainer.strategy``: a Lightning strategy name, or a mapping ``{name: ddp|fsdp, ...}`` (olm's strategies)."""
+    if isinstance(strategy, DictConfig):
+        name = strategy.get("name")
+        if name not in ("ddp", "fsdp"):
+            raise ConfigError(f"trainer.strategy.name={name!r} is not known; known: ddp, fsdp (or give a Lightning "
+                              "strategy name as trainer.strategy)")
+        return
+    if strategy in STRATEGIES:
+        return
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    known = sorted(StrategyRegistry.available_strategies())
+    if strategy not in known:
+        raise ConfigError(f"trainer.strategy={strategy!r} is not known" + did_you_mean(strategy, known))
 
 
 def build_on_meta(cfg: DictConfig) -> torch.nn.Module:
@@ -120,14 +141,24 @@ def build_on_meta(cfg: DictConfig) -> torch.nn.Module:
 # -- memory ---------------------------------------------------------------------------------------------------------
 def activation_bytes(model: torch.nn.Module, batch: int, seq_len: int, *, fused_loss: bool) -> int:
     """A lower bound on one training micro-batch's memory beyond the weights: the logits and their gradient in
-    fp32 (unless the fused loss never materialises them) and each block's saved activations, about 34 values per
+    fp32 (unless the fused loss never materialises them); each block's saved activations, about 34 values per
     token and width (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
-    table 2, without the attention-score term that fused attention avoids), at 2 bytes each."""
+    table 2), at 2 bytes each; and, for attention that cannot use the fused kernels, the (batch, heads, T, T)
+    scores each layer keeps in fp32 (soft-capped logits) or its (heads, T, T) position bias (ALiBi)."""
     tokens = batch * seq_len
     logits = 0 if fused_loss else 2 * tokens * model.vocab_size * 4
     width = getattr(model, "embed_dim", 0)
     blocks = len(getattr(model, "blocks", ()))
-    return logits + tokens * width * blocks * 34 * 2
+    scores = 0
+    for module in model.modules():
+        heads = getattr(module, "num_heads", None)
+        if not isinstance(heads, int) or not hasattr(module, "softcap"):
+            continue
+        if module.softcap is not None:
+            scores += batch * heads * seq_len * seq_len * 4
+        elif hasattr(getattr(module, "position", None), "bias"):
+            scores += heads * seq_len * seq_len * 4
+    return logits + tokens * width * blocks * 34 * 2 + scores
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:

@@ -91,6 +91,7 @@ def prepare(argv: list[str]) -> list[str]:
     from olm.train import resume
     from olm.train.checks import check_run
     from olm.train.compose import compose, sweep_jobs
+    from olm.train.run import holds_a_run
 
     argv = _absolute_config_path(argv)
     args = _parse(argv)
@@ -100,6 +101,7 @@ def prepare(argv: list[str]) -> list[str]:
     for override in overrides:
         flags.remove(override)
 
+    planned = None
     if not args.multirun:
         planned = resume.plan(overrides, lambda o: compose(o, **where))
         if planned is not None:
@@ -110,6 +112,10 @@ def prepare(argv: list[str]) -> list[str]:
                          f"hydra.output_subdir={planned.record_subdir}"]
         cfg = compose(overrides, return_hydra_config=True, **where)
         check_run(cfg)
+        run_dir = Path(str(cfg.hydra.run.dir))
+        if planned is None and cfg.resume is None and not cfg.ckpt_path and holds_a_run(run_dir):
+            raise ConfigError(f"{run_dir} already holds a run (checkpoints, summary.json); continue it with "
+                              "resume=auto, or start a new run in another hydra.run.dir")
         return [*flags, *overrides]
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -176,7 +182,8 @@ def help_text() -> str:
     with hydra_app() as app:
         loader = app.config_loader
         choices = app.compose_config("train", [], run_mode=None, with_log_configuration=False).hydra.runtime.choices
-        groups = sorted(g for g in loader.get_group_options("", ObjectType.GROUP) if g != "hydra")
+        # a team's experiments/ folder answers for the experiment group: not a group of its own
+        groups = sorted(g for g in loader.get_group_options("", ObjectType.GROUP) if g not in ("hydra", "experiments"))
         for group in groups:
             options = [o for o in loader.get_group_options(group, ObjectType.CONFIG) if not o.startswith("schema")]
             if not options:

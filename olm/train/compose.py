@@ -104,9 +104,7 @@ def _compose_importing(app, config_name: str, overrides: list[str], mode) -> Dic
         store.store(group=group, name=name, node={"name": name})  # a stand-in, only to read model.imports
         try:
             imports = OmegaConf.select(run(), "model.imports", default=None) or []
-        except Exception:
-            raise exc from None
-        finally:
+        finally:  # a failure here is another mistake of the command line: reported as it is
             store.repo["model"][kind].pop(f"{name}.yaml", None)
         if not imports:
             raise exc from None
@@ -198,6 +196,7 @@ def _composition_error(overrides: list[str], exc: Exception, config_path, config
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and full_key:
         parent, _, key = full_key.rpartition(".")
         others = [o for o in overrides if not o.lstrip("+~").startswith(full_key)]
+        node = None
         try:
             base = compose(others, config_path=config_path, config_dir=config_dir, config_name=config_name)
             node = OmegaConf.select(base, parent) if parent else base
@@ -206,7 +205,9 @@ def _composition_error(overrides: list[str], exc: Exception, config_path, config
             keys = []
         where = f"of {parent!r}" if parent else "at the top level"
         known = did_you_mean(key, keys, f"known keys {where}") if keys else ""
-        return f"{full_key} is not a config key{known} (to add a new key: +{full_key}=...)"
+        declared = parent and isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None)
+        advice = "" if declared else f" (to add a new key: +{full_key}=...)"
+        return f"{full_key} is not a config key{known}{advice}"
     value = getattr(cause, "value", None)
     shown = f"={value!r}" if value is not None else ""
     if full_key:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -41,6 +40,9 @@ WANDB_MODES = ("auto", "online", "offline")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64",
               "transformer-engine", "transformer-engine-float16")
 PROFILERS = ("simple", "advanced", "pytorch")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
+# Strategy names checked without importing Lightning; any other name is looked up in Lightning's registry.
+STRATEGIES = ("auto", "ddp", "fsdp", "ddp_spawn", "ddp_fork", "ddp_notebook", "single_device")
 # olm.data's choices, repeated here so that composing needs no data import; a test keeps the two equal.
 DATA_SOURCES = ("stdlib", "text", "bin", "hf_dataset")
 TOKENIZERS = ("byte", "bpe", "hf")
@@ -130,8 +132,11 @@ class DataConfig:
 class TrainerConfig:
     """``lightning.Trainer`` arguments olm passes on (olm sets loggers, callbacks, epochs and sampling itself)."""
 
-    accelerator: str = "auto"
-    devices: Any = 1
+    accelerator: str = setting("auto", choices=ACCELERATORS)
+    # A number of devices (-1: all), "auto", or a list of device indices.
+    devices: Any = setting(1, check=lambda v: v == "auto" or (_int(v) and (v >= 1 or v == -1))
+                           or (isinstance(v, (list, ListConfig)) and all(non_negative_int(d) for d in v)),
+                           allowed="a positive number of devices, -1 (all), auto, or a list of device indices")
     num_nodes: int = setting(1, check=positive_int, allowed="a positive integer")
     strategy: Any = "auto"
     precision: str = setting("auto", choices=PRECISIONS)
@@ -283,20 +288,17 @@ class TrainConfig(SpeedConfig):
 
 # -- resolvers -------------------------------------------------------------------------------------------------------
 def default_cache_dir() -> str:
-    """Where olm keeps tokenizers and tokenized corpora: $OLM_CACHE_DIR, else $XDG_CACHE_HOME/olm, else
-    ~/.cache/olm; the same place whatever directory olm runs from."""
-    if os.environ.get("OLM_CACHE_DIR"):
-        return os.environ["OLM_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "olm")
+    from olm.data.tokenizers import default_cache_dir as data_cache_dir
+
+    return data_cache_dir()
 
 
 def _vocab_size(*, _parent_) -> int:
     from olm.data import known_vocab_size
 
     try:
-        return known_vocab_size(_parent_.get("source"), _parent_.get("tokenizer"),
-                                _parent_.get("tokenizer_vocab_size"), _parent_.get("tokenizer_path"))
+        return known_vocab_size(_parent_.source, _parent_.tokenizer, _parent_.tokenizer_vocab_size,
+                                _parent_.tokenizer_path)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -408,6 +410,20 @@ def check_settings(cfg: DictConfig, schema: type = TrainConfig, prefix: str = ""
 
 def declared_keys(schema: type = TrainConfig) -> list[str]:
     return [f.name for f in dataclasses.fields(schema)]
+
+
+def undeclared_keys(cfg: DictConfig, schema: type = TrainConfig, prefix: str = ""):
+    """(key, the node's declared keys) for every key under a declared group that its schema does not declare
+    (Hydra's ``+group.key=...`` adds one even to a typed node)."""
+    for f in dataclasses.fields(schema):
+        nested = _schema_of(f)
+        if nested is None or f.name not in cfg or not isinstance(cfg._get_node(f.name), DictConfig):
+            continue
+        node, known = cfg[f.name], declared_keys(nested)
+        for key in node.keys():
+            if key not in known:
+                yield f"{prefix}{f.name}.{key}", known
+        yield from undeclared_keys(node, nested, f"{prefix}{f.name}.")
 
 
 def typed(node: DictConfig | dict, schema: type, prefix: str = "") -> Any:

@@ -37,7 +37,7 @@ class LMModule(L.LightningModule):
     """
 
     def __init__(self, model_cfg: dict, optim: OptimConfig | None = None, scheduler: SchedulerConfig | None = None,
-                 speed: SpeedConfig | None = None, *, max_steps: int, log_every_n_steps: int = 10,
+                 speed: SpeedConfig | None = None, *, max_steps: int, log_every_n_steps: int,
                  bytes_per_token: float | None = None, skip_nonfinite_batches: int = 0):
         super().__init__()
         self.model_cfg = dict(model_cfg)
@@ -138,7 +138,7 @@ class LMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         idx, targets = batch
         loss = self.loss(idx, targets)
-        step = self.global_step + 1  # the optimizer step this batch belongs to (1-based, as in metrics.csv)
+        step = self.global_step + 1  # the optimizer step this batch belongs to (1-based; metrics.csv counts from 0)
         if self.skip_nonfinite_batches:
             # Skipping needs the host to see every loss, a sync paid only when skipping is enabled. Ranks decide
             # together (one tiny all-reduce), so that all of them skip the same step and none waits in backward.
@@ -262,6 +262,25 @@ class LMModule(L.LightningModule):
         scheduler = build_scheduler(optimizer, self.scheduler_cfg, self.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        if getattr(self, "_restored", False):
+            self._apply_optim_settings()
+
+    def _apply_optim_settings(self) -> None:
+        """After a resume, the optimizer's settings are the config's, not the checkpoint's: Lightning restores the
+        saved param groups (lr, weight decay, betas, eps), which would silently ignore ``optim.lr=...`` on the
+        command line. Moments and step counts stay restored; the schedule goes on from the restored step."""
+        optimizer = self.trainer.optimizers[0]
+        scheduler = self.lr_schedulers()
+        cfg = self.optim_cfg
+        for group, decays in zip(optimizer.param_groups, (True, False)):
+            group.update(weight_decay=cfg.weight_decay if decays else 0.0, betas=tuple(cfg.betas), eps=cfg.eps,
+                         initial_lr=cfg.lr)
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = cfg.lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store what a resume needs beyond Lightning's state: RNG states, the W&B run id, the model config."""
@@ -280,6 +299,7 @@ class LMModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restored = True
         self._restart_epoch_over_remaining_batches(checkpoint)
         state = checkpoint.get("olm", {})
         self.wandb_run_id = state.get("wandb_run_id")

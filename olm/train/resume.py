@@ -44,12 +44,16 @@ def requested_run_dir(overrides: list[str]) -> Path | None:
     return Path(dirs[-1]) if dirs else None
 
 
+FINISHED_MARK = "finished"  # written into a resume's record when the resumed run finishes
+
+
 def latest_record(run_dir: Path) -> Path | None:
-    """The Hydra record (a ``.hydra`` dir) of the latest job that ran in ``run_dir``: the resume from the latest
-    step, else the first run's."""
+    """The Hydra record (a ``.hydra`` dir) of the latest job that finished in ``run_dir``: the latest finished
+    resume's, else the first run's. A resume that failed or was stopped is not remembered (repeat its overrides)."""
     base = run_dir / HYDRA_RECORD
     resumes = sorted((p for p in base.glob("resume-*") if p.name[7:].isdigit()), key=lambda p: int(p.name[7:]))
-    for candidate in [*reversed(resumes), base]:
+    finished = [p for p in resumes if (p / FINISHED_MARK).is_file() and (p / "overrides.yaml").is_file()]
+    for candidate in [*reversed(finished), base]:
         if (candidate / "overrides.yaml").is_file():
             return candidate
     return None
@@ -74,24 +78,29 @@ def plan(overrides: list[str], compose) -> ResumePlan | None:
     saved_config = run_dir / "config.yaml"
     if record is None or not saved_config.is_file():
         return None
+    if _checkpoint_step(run_dir) is None:
+        raise ConfigError(f"resume=auto: {run_dir} holds no checkpoint (the run stopped before its first one, "
+                          "written at each validation); nothing to resume, start a new run")
     own = [o for o in OmegaConf.load(record / "overrides.yaml") if _key(str(o)) not in ("resume", "ckpt_path")]
     new = [o for o in overrides if _key(o) not in ("resume", "hydra.run.dir")]
-    merged = merge_overrides([str(o) for o in own], new)
-    cfg = compose(merged)
     saved = OmegaConf.load(saved_config)
-    refuse_changes(saved, cfg, new)
+    # The run keeps its name (W&B continues the same run), whatever the new overrides add to it.
+    quoted = str(saved.name).replace("\\", "\\\\").replace("'", "\\'")
+    merged = merge_overrides([str(o) for o in own], [*new, f"name='{quoted}'"])
+    cfg = compose(merged)
+    refuse_changes(saved, cfg, new, lambda dropped: compose([o for o in merged if o != dropped]))
     return ResumePlan(run_dir, merged, f"{HYDRA_RECORD}/resume-{_checkpoint_step(run_dir)}",
                       finished_note=_finished(run_dir, cfg))
 
 
-def _checkpoint_step(run_dir: Path) -> int:
-    """The step of the checkpoint a resume of ``run_dir`` continues from (0 without one). It names the resume's
+def _checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the checkpoint a resume of ``run_dir`` continues from (None without one). It names the resume's
     record, the same on every rank of a job that torchrun or SLURM starts."""
     from olm.train.callbacks import latest_checkpoint
     from olm.train.checkpoint import load_checkpoint
 
     latest = latest_checkpoint(run_dir)
-    return int(load_checkpoint(latest, mmap=True).get("global_step") or 0) if latest else 0
+    return int(load_checkpoint(latest, mmap=True).get("global_step") or 0) if latest else None
 
 
 def _plain(node: Any) -> Any:
@@ -115,16 +124,22 @@ def leaf(config: dict, key: str) -> Any:
     return config
 
 
-def refuse_changes(saved: DictConfig, cfg: DictConfig, new: list[str]) -> None:
-    """A resumed run trains the same model on the same data: anything else is a new run."""
+def _what_it_trains(saved: DictConfig, cfg: DictConfig) -> list[str]:
+    """The model and data keys where ``cfg`` differs from the run's saved config."""
     model = changed_keys(_plain(saved.model), _plain(cfg.model), "model")
     data = [k for k in changed_keys(_plain(saved.data), _plain(cfg.data), "data")
             if k.split(".")[1] not in DATA_KEYS_FREE_ON_RESUME]
-    changed = model + data
+    return model + data
+
+
+def refuse_changes(saved: DictConfig, cfg: DictConfig, new: list[str], compose_without) -> None:
+    """A resumed run trains the same model on the same data: anything else is a new run. The refusal names the
+    overrides responsible (those without which the change goes away; ``compose_without(o)`` composes the job
+    without ``o``), else the changed keys (e.g. a preset that changed since the run)."""
+    changed = _what_it_trains(saved, cfg)
     if not changed:
         return
-    blamed = [o for o in new if any(_key(o) == k or k.startswith(_key(o).replace("/", ".") + ".")
-                                    or _key(o) == k.rsplit(".", 1)[0] for k in changed)]
+    blamed = [o for o in new if _what_it_trains(saved, compose_without(o)) != changed]
     what = ", ".join(blamed) if blamed else ", ".join(changed[:4])
     shown = "; ".join(f"{k}: {_at(saved, k)!r} -> {_at(cfg, k)!r}" for k in changed[:3])
     raise ConfigError(f"resume: {what} would change what the run trains ({shown}); a resumed run keeps its model "

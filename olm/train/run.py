@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -48,6 +49,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # olm's datamodule resumes its data from the global step itself (see LMModule.on_load_checkpoint)
     warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
+    # a resume writes into the checkpoint dir it continues from, on purpose
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     # a batch skipped by callbacks.nan_guard.skip_batches: olm's own warning names the step
     warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")
 
@@ -129,7 +132,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         return str(path)
     latest = latest_checkpoint(run_dir)
     if cfg.resume != "auto":
-        if latest is not None or _finished(run_dir):
+        if holds_a_run(run_dir):
             raise ConfigError(f"{run_dir} already holds a run (checkpoints, summary.json); continue it with "
                               "resume=auto, or start a new run in another hydra.run.dir")
         return None
@@ -141,9 +144,14 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(latest) if latest else None
 
 
-def _finished(run_dir: Path) -> bool:
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run a fresh start would destroy: a checkpoint, or a finished run's summary."""
     import json
 
+    from olm.train.callbacks import latest_checkpoint
+
+    if latest_checkpoint(run_dir) is not None:
+        return True
     try:
         return json.loads((run_dir / "summary.json").read_text()).get("status") == "finished"
     except (OSError, ValueError):
@@ -246,8 +254,10 @@ def train(cfg: DictConfig) -> float | None:
         check_same_model(meta, module.model, ckpt_path)
     num_params = module.model.num_parameters()
     continuing = has_record(run_dir)  # this run dir's own run goes on: its record is replaced once it finishes
-    if not continuing:
+    if not continuing and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        if datamodule.tokenizer is not None:  # beside the checkpoints: `olm generate` works before any export
+            datamodule.tokenizer.save(run_dir / "tokenizer")
 
     loggers, wandb_logger = make_loggers(typed(cfg.logger, LoggerConfig, "logger."), str(cfg.name), run_dir,
                                          meta.get("wandb_run_id"), meta.get("global_step"))
@@ -337,6 +347,7 @@ def finish(cfg: DictConfig, run_dir: Path, module, datamodule, sample: SampleCon
         summary["model_dir"] = str(export_dir)
     if continuing:  # the record of a resumed run is replaced only now that it has finished
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        _mark_resume_finished(run_dir)
     write_json(run_dir / "summary.json", summary)
     print("\n".join(final_lines(run_dir, summary)), flush=True)
     tokenizer = datamodule.tokenizer
@@ -347,3 +358,15 @@ def finish(cfg: DictConfig, run_dir: Path, module, datamodule, sample: SampleCon
         print(f"-- sample (prompt {sample.prompt!r}):\n{tokenizer.decode(out[0].tolist())}\n--", flush=True)
     return summary
 
+
+def _mark_resume_finished(run_dir: Path) -> None:
+    """Mark this job's Hydra record (a resume's ``.hydra/resume-<step>/``) as finished: the next resume starts from
+    its overrides (olm.train.resume.latest_record)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from olm.train.resume import FINISHED_MARK
+
+    if HydraConfig.initialized() and HydraConfig.get().output_subdir:
+        record = run_dir / HydraConfig.get().output_subdir
+        if record.is_dir():
+            (record / FINISHED_MARK).write_text("")
