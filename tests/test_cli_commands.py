@@ -195,7 +195,7 @@ def test_generate_without_a_tokenizer_for_a_non_byte_vocab(tmp_path, capsys):
     assert main(["generate", "--ckpt", str(run), "--max-new-tokens", "2"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no tokenizer found")
-    assert repr(str(run / "model" / "tokenizer")) in lines[0] and "vocab_size=64" in lines[0]
+    assert repr(str(run / "tokenizer")) in lines[0] and "vocab_size=64" in lines[0]
 
 
 def test_generate_from_a_dir_without_model_or_checkpoint(tmp_path, capsys):

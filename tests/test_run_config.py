@@ -122,7 +122,7 @@ def test_bad_run_keys_are_one_line_errors_through_every_entry_point(override, mo
         try:
             cfg = hydra_compose("train", overrides=[*base, override])
         except ConfigCompositionException as exc:
-            assert key.split(".")[-1] in str(exc) + str(exc.__cause__)
+            assert key in str(exc) + str(exc.__cause__)  # Hydra's own exception, naming the key
             return
     with pytest.raises(ConfigError) as info:
         check_run(cfg)
