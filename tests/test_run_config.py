@@ -142,8 +142,10 @@ def test_a_sequence_that_cannot_fit_in_memory_is_refused_with_the_estimate(monke
     match = re.fullmatch(r"error: data.seq_len=99999 with data.batch_size=16 needs at least ([\d.]+) GiB per step "
                          r"\(estimated: .*\), more than the ([\d.]+) GiB of .*", err.strip())
     assert match and float(match[1]) > float(match[2]), err
-    # the estimate's logits term: 16 x 99999 tokens x 4096 ids x 4 bytes, for the logits and their gradient
-    assert float(match[1]) >= round(2 * 16 * 99999 * 4096 * 4 / 2**30, 1)
+    # the logits and their gradient (16 x 99999 tokens x 4096 ids x 4 bytes), and 34 values per token, width and
+    # block at 2 bytes (2 blocks of width 32)
+    tokens = 16 * 99999
+    assert float(match[1]) >= round((2 * tokens * 4096 * 4 + tokens * 32 * 2 * 34 * 2) / 2**30, 1)
 
 
 def test_memory_estimate_is_a_lower_bound_of_a_measured_step():

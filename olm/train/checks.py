@@ -147,7 +147,7 @@ def activation_bytes(model: torch.nn.Module, batch: int, seq_len: int, *, fused_
     scores each layer keeps in fp32 (soft-capped logits) or its (heads, T, T) position bias (ALiBi)."""
     tokens = batch * seq_len
     logits = 0 if fused_loss else 2 * tokens * model.vocab_size * 4
-    width = getattr(model, "embed_dim", 0)
+    width = model.to_config().get("embed_dim") or 0
     blocks = len(getattr(model, "blocks", ()))
     scores = 0
     for module in model.modules():
