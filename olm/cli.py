@@ -30,18 +30,6 @@ def cmd_components(args) -> int:
     return 0
 
 
-def _run_checkpoint(run_dir: Path) -> Path | None:
-    """``checkpoints/last.ckpt`` of a run dir, else its newest ``checkpoints/*.ckpt``, else None.
-
-    The choice of olm.train.callbacks.latest_checkpoint, kept here so `olm` starts without the training stack.
-    """
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        return last
-    candidates = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
-
-
 def _run_tokenizer(run_dir: Path) -> Path:
     """Where a run keeps its tokenizer: with the exported model, else beside the checkpoints (saved at start)."""
     exported = run_dir / "model" / "tokenizer"
@@ -85,7 +73,9 @@ def load_model_and_tokenizer(ckpt: str, require_tokenizer: bool = False):
     elif path.is_dir() and (path / "config.json").is_file():
         model, tokenizer_dir = Block.load(path), path / "tokenizer"
     elif path.is_dir():
-        checkpoint = _run_checkpoint(path)
+        from olm.train.checkpoint import latest_checkpoint  # no Lightning import: `olm` stays quick to start
+
+        checkpoint = latest_checkpoint(path)
         if checkpoint is None:
             raise ConfigError(
                 f"--ckpt {str(path)!r} holds no model: looked for model/config.json, config.json "

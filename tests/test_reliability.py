@@ -232,7 +232,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume_auto_equals_an_uninterrup
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "last.ckpt.tmp").is_file()  # the half-written file the kill left behind
     assert load_checkpoint(ckpts / "last.ckpt")["global_step"] == 4  # the previous one survived intact
-    from olm.train.callbacks import latest_checkpoint
+    from olm.train.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(run_dir) == ckpts / "last.ckpt"
     assert {0, 1, 2, 3} <= set(losses(run_dir))  # metrics.csv is flushed with every checkpoint file

@@ -202,13 +202,3 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     def _previous_kept(self, filepath: str) -> bool:
         last = self.last_model_path
         return bool(last) and os.path.isfile(last)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """``last.ckpt`` in the run's checkpoint dir, else the newest ``*.ckpt`` there, else None."""
-    directory = Path(run_dir) / "checkpoints"
-    last = directory / "last.ckpt"
-    if last.is_file():
-        return last
-    candidates = sorted(directory.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None

@@ -9,6 +9,16 @@ import torch
 from olm.errors import ConfigError
 
 
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """``last.ckpt`` in the run's checkpoint dir, else the newest ``*.ckpt`` there, else None."""
+    directory = Path(run_dir) / "checkpoints"
+    last = directory / "last.ckpt"
+    if last.is_file():
+        return last
+    candidates = sorted(directory.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
 def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = False) -> dict:
     """Load a Lightning checkpoint with ``weights_only=True``; a missing, truncated or corrupted file is a one-line
     error naming it (never a silent fresh start). ``mmap``: tensors stay on disk until read (to read the metadata of

@@ -9,7 +9,6 @@ and what a config may make Hydra instantiate.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from olm.errors import ConfigError, closest, config_error_cause, did_you_mean, first_line
 from olm.train.config import STRATEGIES, TrainConfig, check_settings, declared_keys, undeclared_keys
+from olm.train.speed import check_float8, processes_on_this_machine
 
 # What Hydra may instantiate from a config (launcher, sweeper, sampler, callbacks: ``_target_``; logging handlers:
 # ``class``/``()``): Hydra's own classes, its plugins, Optuna's samplers and the logging module. Anything else would
@@ -100,8 +100,7 @@ def _check_between_keys(cfg: DictConfig) -> None:
     if cfg.resume is not None and cfg.ckpt_path:
         raise ConfigError("resume=auto and ckpt_path are both set; use one (resume=auto: the run dir's last checkpoint)")
     _check_strategy(trainer.strategy)
-    if cfg.float8_head and cfg.float8 is False:
-        raise ConfigError("float8_head=true needs float8 on (float8=tensorwise or rowwise)")
+    check_float8(cfg.float8, cfg.float8_head)
     if cfg.data.source != "stdlib" and not cfg.data.path:
         raise ConfigError(f"data.path must be set for data.source={cfg.data.source!r} (a file or a directory)")
     max_seq_len = cfg.model.get("max_seq_len")  # the model kind's own key, if it has one
@@ -196,7 +195,7 @@ def check_memory(cfg: DictConfig, model: torch.nn.Module) -> None:
     limit, device = available
     fused = cfg.fused_loss is True or (cfg.fused_loss == "auto" and on_gpu)
     sharded = _strategy_name(cfg.trainer.strategy) == "fsdp"
-    processes = 1 if on_gpu else _processes_on_this_machine(cfg)
+    processes = 1 if on_gpu else processes_on_this_machine(cfg.trainer.devices)
     weights = parameter_bytes(model) // (_device_count(cfg) if sharded else 1)
     need = processes * (weights + activation_bytes(model, cfg.data.batch_size, cfg.data.seq_len, fused_loss=fused))
     if need > limit:
@@ -218,18 +217,6 @@ def _device_count(cfg: DictConfig) -> int:
     if isinstance(devices, int) and devices > 0:
         return devices
     return max(1, torch.cuda.device_count())
-
-
-def _processes_on_this_machine(cfg: DictConfig) -> int:
-    """CPU training processes one job starts on this machine (CPU DDP: one per device)."""
-    devices = cfg.trainer.devices
-    if isinstance(devices, int) and devices > 0:
-        return devices
-    if isinstance(devices, (list, ListConfig)):
-        return len(devices)
-    if str(devices) == "-1":
-        return os.cpu_count() or 1
-    return 1
 
 
 # -- Hydra targets --------------------------------------------------------------------------------------------------

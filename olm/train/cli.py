@@ -91,7 +91,7 @@ def prepare(argv: list[str]) -> list[str]:
     from olm.train import resume
     from olm.train.checks import check_run
     from olm.train.compose import compose, sweep_jobs
-    from olm.train.run import holds_a_run
+    from olm.train.run import refuse_fresh_start
 
     argv = _absolute_config_path(argv)
     args = _parse(argv)
@@ -112,10 +112,8 @@ def prepare(argv: list[str]) -> list[str]:
                          f"hydra.output_subdir={planned.record_subdir}"]
         cfg = compose(overrides, return_hydra_config=True, **where)
         check_run(cfg)
-        run_dir = Path(str(cfg.hydra.run.dir))
-        if planned is None and cfg.resume is None and not cfg.ckpt_path and holds_a_run(run_dir):
-            raise ConfigError(f"{run_dir} already holds a run (checkpoints, summary.json); continue it with "
-                              "resume=auto, or start a new run in another hydra.run.dir")
+        if planned is None and cfg.resume is None and not cfg.ckpt_path:
+            refuse_fresh_start(Path(str(cfg.hydra.run.dir)))
         return [*flags, *overrides]
 
     from hydra.core.override_parser.overrides_parser import OverridesParser

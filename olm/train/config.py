@@ -287,12 +287,6 @@ class TrainConfig(SpeedConfig):
 
 
 # -- resolvers -------------------------------------------------------------------------------------------------------
-def default_cache_dir() -> str:
-    from olm.data.tokenizers import default_cache_dir as data_cache_dir
-
-    return data_cache_dir()
-
-
 def _vocab_size(*, _parent_) -> int:
     from olm.data import known_vocab_size
 
@@ -338,6 +332,8 @@ def run_name() -> str:
 
 
 def register_resolvers() -> None:
+    from olm.data.tokenizers import default_cache_dir
+
     resolvers = (("olm.cache_dir", default_cache_dir), ("olm.vocab_size", _vocab_size), ("olm.run_name", run_name),
                  ("olm.output_dir", output_dir))
     for name, fn in resolvers:

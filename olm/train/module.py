@@ -7,7 +7,6 @@ import functools
 import logging
 import math
 import random
-from typing import Any
 
 import lightning as L
 import numpy as np

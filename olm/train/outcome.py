@@ -33,9 +33,17 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_summary(run_dir: Path) -> dict:
+    """A run dir's summary.json, or {} when there is none (or it cannot be read)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def sigterm_message(run_dir: Path | None) -> str:
     """What a SIGTERM leaves behind: a checkpoint to resume from, or nothing yet."""
-    from olm.train.callbacks import latest_checkpoint
+    from olm.train.checkpoint import latest_checkpoint
 
     latest = latest_checkpoint(run_dir) if run_dir is not None else None
     if latest is None:

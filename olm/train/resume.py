@@ -79,8 +79,9 @@ def plan(overrides: list[str], compose) -> ResumePlan | None:
     if record is None or not saved_config.is_file():
         return None
     if _checkpoint_step(run_dir) is None:
-        raise ConfigError(f"resume=auto: {run_dir} holds no checkpoint (the run stopped before its first one, "
-                          "written at each validation); nothing to resume, start a new run")
+        from olm.train.run import nothing_to_resume
+
+        raise nothing_to_resume(run_dir)
     own = [o for o in OmegaConf.load(record / "overrides.yaml") if _key(str(o)) not in ("resume", "ckpt_path")]
     new = [o for o in overrides if _key(o) not in ("resume", "hydra.run.dir")]
     saved = OmegaConf.load(saved_config)
@@ -96,7 +97,7 @@ def plan(overrides: list[str], compose) -> ResumePlan | None:
 def _checkpoint_step(run_dir: Path) -> int | None:
     """The step of the checkpoint a resume of ``run_dir`` continues from (None without one). It names the resume's
     record, the same on every rank of a job that torchrun or SLURM starts."""
-    from olm.train.callbacks import latest_checkpoint
+    from olm.train.checkpoint import latest_checkpoint
     from olm.train.checkpoint import load_checkpoint
 
     latest = latest_checkpoint(run_dir)
@@ -153,15 +154,9 @@ def _at(cfg: DictConfig, key: str) -> Any:
 
 def _finished(run_dir: Path, cfg: DictConfig) -> str | None:
     """A note when the run already trained to the resumed job's ``trainer.max_steps``."""
-    import json
+    from olm.train.outcome import read_summary
 
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
-        return None
-    try:
-        record = json.loads(summary.read_text())
-    except ValueError:
-        return None
+    record = read_summary(run_dir)
     steps = record.get("steps")
     if record.get("status") == "finished" and isinstance(steps, int) and steps >= cfg.trainer.max_steps:
         return (f"{run_dir} finished at step {steps} (trainer.max_steps={cfg.trainer.max_steps}); nothing to resume. "

@@ -31,7 +31,7 @@ from olm.errors import ConfigError, first_line
 from olm.train.checks import check_run
 from olm.train.config import (CallbacksConfig, DataConfig, LoggerConfig, OptimConfig, SampleConfig, SchedulerConfig,
                               TrainerConfig, speed_config, typed)
-from olm.train.outcome import final_lines, summarize, write_failed_summary, write_json
+from olm.train.outcome import final_lines, read_summary, summarize, write_failed_summary, write_json
 
 log = logging.getLogger("olm")
 
@@ -123,7 +123,7 @@ def has_record(run_dir: Path) -> bool:
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     """The checkpoint this run continues from, or None for a fresh start."""
-    from olm.train.callbacks import latest_checkpoint
+    from olm.train.checkpoint import latest_checkpoint
 
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path)
@@ -132,30 +132,28 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         return str(path)
     latest = latest_checkpoint(run_dir)
     if cfg.resume != "auto":
-        if holds_a_run(run_dir):
-            raise ConfigError(f"{run_dir} already holds a run (checkpoints, summary.json); continue it with "
-                              "resume=auto, or start a new run in another hydra.run.dir")
+        refuse_fresh_start(run_dir)
         return None
     if latest is None and has_record(run_dir):
-        raise ConfigError(f"resume=auto: {run_dir} holds no checkpoint (the run stopped before its first one, "
-                          "written at each validation); nothing to resume, start a new run")
+        raise nothing_to_resume(run_dir)
     if latest is None:
         log.info("resume=auto: no run in %s yet, starting from scratch", run_dir)
     return str(latest) if latest else None
 
 
-def holds_a_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a run a fresh start would destroy: a checkpoint, or a finished run's summary."""
-    import json
+def refuse_fresh_start(run_dir: Path) -> None:
+    """A fresh run never starts over a run dir holding a run a fresh start would destroy: a checkpoint, or a
+    finished run's summary."""
+    from olm.train.checkpoint import latest_checkpoint
 
-    from olm.train.callbacks import latest_checkpoint
+    if latest_checkpoint(run_dir) is not None or read_summary(run_dir).get("status") == "finished":
+        raise ConfigError(f"{run_dir} already holds a run (checkpoints, summary.json); continue it with "
+                          "resume=auto, or start a new run in another hydra.run.dir")
 
-    if latest_checkpoint(run_dir) is not None:
-        return True
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status") == "finished"
-    except (OSError, ValueError):
-        return False
+
+def nothing_to_resume(run_dir: Path) -> ConfigError:
+    return ConfigError(f"resume=auto: {run_dir} holds no checkpoint (the run stopped before its first one, "
+                       "written at each validation); nothing to resume, start a new run")
 
 
 def read_checkpoint_meta(path: str | None) -> dict:
@@ -198,9 +196,7 @@ def trainer_arguments(trainer: TrainerConfig, run_dir: Path) -> dict[str, Any]:
         profiler = getattr(profilers, PROFILERS[trainer.profiler])
         arguments["profiler"] = profiler(dirpath=str(run_dir), filename="profile")
     arguments.pop("max_steps")
-    interval = trainer.val_check_interval
-    steps = interval if isinstance(interval, int) else max(1, round(interval * trainer.max_steps))
-    arguments["val_check_interval"] = steps * trainer.accumulate_grad_batches  # Lightning counts batches
+    arguments["val_check_interval"] = validation_steps(trainer) * trainer.accumulate_grad_batches  # it counts batches
     arguments["check_val_every_n_epoch"] = None
     arguments["precision"] = precision(trainer.precision)
     arguments["enable_progress_bar"] = trainer.enable_progress_bar is not False  # olm's own bar (progress_bars)
@@ -209,6 +205,7 @@ def trainer_arguments(trainer: TrainerConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def validation_steps(trainer: TrainerConfig) -> int:
+    """``trainer.val_check_interval`` in optimizer steps (a fraction is one of max_steps)."""
     interval = trainer.val_check_interval
     return interval if isinstance(interval, int) else max(1, round(interval * trainer.max_steps))
 
@@ -220,7 +217,7 @@ def train(cfg: DictConfig) -> float | None:
 
     from olm.train.callbacks import AtomicModelCheckpoint, QuietModelSummary, ThroughputMonitor, progress_bars
     from olm.train.module import LMModule
-    from olm.train.speed import cpu_threads
+    from olm.train.speed import cpu_threads, processes_on_this_machine
     from olm.train.strategies import HydraJobLauncher, RankFailure, cleanup_after_job, rank_failure
 
     started = time.time()
@@ -237,7 +234,7 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul on GPUs that have it
     if str(trainer_cfg.accelerator) == "cpu" or not torch.cuda.is_available():
-        torch.set_num_threads(cpu_threads(speed.cpu_threads, _local_processes(trainer_cfg)))
+        torch.set_num_threads(cpu_threads(speed.cpu_threads, processes_on_this_machine(trainer_cfg.devices)))
 
     with data_errors():
         datamodule = build_datamodule(data_cfg)
@@ -325,12 +322,6 @@ def train(cfg: DictConfig) -> float | None:
             finish_wandb()  # one W&B run per job, also in sweeps and after failures
         cleanup_after_job(trainer, failed=failed)
     return metrics.get(cfg.optimized_metric)
-
-
-def _local_processes(trainer: TrainerConfig) -> int:
-    """Training processes of this job on this machine (CPU DDP starts one per device)."""
-    devices = trainer.devices
-    return devices if isinstance(devices, int) and devices > 0 else 1
 
 
 def finish(cfg: DictConfig, run_dir: Path, module, datamodule, sample: SampleConfig, metrics: dict, *,

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import torch
+from omegaconf import ListConfig
 
 from olm.errors import ConfigError
 from olm.train.config import COMPILE_MODES, FLOAT8_RECIPES, SpeedConfig
@@ -128,15 +129,20 @@ def select_sdpa_backend(name: str) -> None:
     torch.backends.cuda.enable_math_sdp(True)
 
 
+def check_float8(float8: Any, float8_head: bool) -> None:
+    """The FP8 options that need no device: a known recipe, the head only with FP8 on, torchao installed."""
+    recipe = float8_recipe(float8)
+    if float8_head and recipe is None:
+        raise ConfigError("float8_head=true needs float8 on (float8=tensorwise or rowwise)")
+    if recipe is not None and importlib.util.find_spec("torchao") is None:
+        raise ConfigError(TORCHAO_MISSING.format(recipe))
+
+
 def check_speed(speed: SpeedConfig) -> dict[str, Any]:
     """Checks of the speed options that need no device, run before any data or process starts; returns the
     inductor options to compile with (checked only when compiling or when set, as importing inductor takes
     seconds)."""
-    recipe = float8_recipe(speed.float8)
-    if speed.float8_head and recipe is None:
-        raise ConfigError("float8_head=true needs float8 on (float8=tensorwise or rowwise)")
-    if recipe is not None and importlib.util.find_spec("torchao") is None:
-        raise ConfigError(TORCHAO_MISSING.format(recipe))
+    check_float8(speed.float8, speed.float8_head)
     options = speed.compile_options
     options_set = any(options.values()) if isinstance(options, dict) else bool(options)
     if speed.compile or speed.compile_mode != "default" or options_set:
@@ -158,6 +164,17 @@ def fused_cross_entropy(fused_loss: bool | str, head_softcap: float | None):
     if fused_loss == "auto" and not torch.cuda.is_available():
         return None
     return LigerFusedLinearCrossEntropyLoss()
+
+
+def processes_on_this_machine(devices: Any) -> int:
+    """Training processes one CPU job starts on this machine (``trainer.devices``; CPU DDP: one per device)."""
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices)
+    if str(devices) == "-1":
+        return os.cpu_count() or 1
+    return 1
 
 
 def cpu_threads(requested: int | None, processes_on_this_machine: int) -> int:
