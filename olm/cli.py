@@ -140,12 +140,37 @@ def cmd_generate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from olm.compare import write_report
+    from olm.compare import Options, write_report
 
-    report = write_report(args.dirs, args.out, fmt=args.format, metric=args.metric)
-    print(report["table"])
-    print(f"\nwrote {', '.join(str(p) for p in report['files'])}")
+    options = Options(metric=args.metric, baseline=args.baseline, test=args.test, interval=args.ci, alpha=args.alpha,
+                      detect=args.detect, target_compute=args.target_compute, resamples=args.resamples)
+    report = write_report(args.dirs, args.out, options, x=args.x)
+    for study in report["studies"]:
+        print(_compare_lines(study))
+    print(f"\nwrote {args.out}/report.md, report.html, report.json, CSV and {sum(str(p).endswith('.png') for p in report['files'])} plots")
     return 0
+
+
+def _compare_lines(study) -> str:
+    """A study's verdicts in a few lines for the terminal (the tables are in the report)."""
+    from olm.compare.report import _p
+
+    lines = [f"== {study.name}: {len(study.runs)} runs, {len(study.variants)} variants, metric {study.metric}"]
+    table = study.tables.get(study.metric)
+    if table is None:
+        return "\n".join(lines + ["   no finished run"])
+    for row in table.rows:
+        s = row.summary
+        if s is None:
+            lines.append(f"   {row.variant.label}: no finished run")
+            continue
+        spread = f" ± {(s.high - s.low) / 2:.4f}" if s.low is not None else " (n=1: no interval)"
+        where = "baseline" if row.variant is study.baseline else (
+            f"{row.diff.diff:+.4f}, p={_p(row.p_holm)}: {row.verdict}" if row.diff else "")
+        lines.append(f"   {row.variant.label}: {s.mean:.4f}{spread} (n={s.n})  {where}")
+    if table.best_note:
+        lines.append(f"   {table.best_note}")
+    return "\n".join(lines)
 
 
 def _count(n: int) -> str:
@@ -214,9 +239,17 @@ def cmd_convert(args) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as one line (``error: olm compare: argument --test: ...``)."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="olm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="olm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("components", help="list registered components with the parameters a config may set")
     p.add_argument("kind", nargs="?", help="only this kind (attention, norm, ffn, position, block, head, model, ...)")
@@ -244,12 +277,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("compare", help="compare run dirs (a multirun dir expands to its jobs): table and plots")
+    p = sub.add_parser("compare", help="compare run dirs by variant (runs that differ only in seed): statistics, "
+                                       "verdicts, curves, ladder fits (docs/experiments.md)")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run dirs, multirun dirs, or folders holding them")
-    p.add_argument("--out", required=True, metavar="REPORT_DIR", help="where report.md and the PNG plots go")
-    p.add_argument("--format", default="md", choices=["md", "csv", "json"],
-                   help="also write the table as report.csv or report.json (report.md is always written)")
-    p.add_argument("--metric", default="val_loss", choices=["val_loss", "val_bpb"], help="metric that picks the best run")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR",
+                   help="where report.md, report.html, report.json, the CSVs and the PNG plots go")
+    p.add_argument("--metric", help="the metric that ranks the variants: val_loss, val_bpb, or any metric the runs "
+                                    "logged (default: the experiment's compare.metric; auto = val_loss, or val_bpb "
+                                    "when the tokenizers differ)")
+    p.add_argument("--baseline", help="the variant the others are compared with, as its overrides "
+                                      "(model.ff_multiplier=4) or its label in the report (default: the "
+                                      "experiment's compare.baseline, else the first variant)")
+    p.add_argument("--test", default="auto", choices=["auto", "t", "wilcoxon"],
+                   help="auto/t: paired t when the variants share seeds, else Welch's t; wilcoxon: Wilcoxon "
+                        "signed-rank (paired) or Mann-Whitney U")
+    p.add_argument("--ci", default="t", choices=["t", "bootstrap"], help="95%% intervals: Student t or bootstrap")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level after Holm's correction")
+    p.add_argument("--detect", type=float, metavar="DELTA",
+                   help="also report the seeds per variant needed to detect this difference (power 0.8)")
+    p.add_argument("--x", default="tokens", choices=["steps", "tokens", "flops"], help="x-axis of the curves")
+    p.add_argument("--target-compute", type=float, metavar="FLOPS",
+                   help="ladders: predict each variant's loss, and the gap, at this training compute")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the ladder fits")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("models", help="list the model zoo presets: family, parameter count, context length")

@@ -18,7 +18,7 @@ from olm.train.flops import flops_per_token, peak_flops
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs tokens seen, tokens/s and MFU every ``log_every_n_steps`` optimizer steps (no per-step host sync).
+    """Logs tokens seen, training FLOPs so far (olm.train.flops), tokens/s and MFU every ``log_every_n_steps`` optimizer steps (no per-step host sync).
 
     tokens per optimizer step = per-device batch x seq_len x accumulate_grad_batches x world size. The run's
     tokens/s excludes the first logging interval (compilation and warm-up) and the pauses for validation and the
@@ -57,7 +57,9 @@ class ThroughputMonitor(L.Callback):
         now = time.perf_counter()
         tokens = (step - self._last_step) * self.tokens_per_step
         tokens_per_sec = tokens / max(now - self._last_time, 1e-9)
-        metrics = {"tokens_seen": float(step * self.tokens_per_step), "perf/tokens_per_sec": tokens_per_sec}
+        seen = step * self.tokens_per_step
+        metrics = {"tokens_seen": float(seen), "flops_seen": float(seen * self.flops_per_token),
+                   "perf/tokens_per_sec": tokens_per_sec}
         if self.peak:
             metrics["perf/mfu"] = tokens_per_sec * self.flops_per_token / self.peak
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)

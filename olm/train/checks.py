@@ -90,6 +90,18 @@ def _check_undeclared_keys(cfg: DictConfig) -> None:
                               "level, where experiments keep their own variables)")
 
 
+def _is_single_run(cfg: DictConfig) -> bool:
+    """Whether ``cfg`` is known to be a single run (not a multirun job): its own ``hydra.mode`` when composed with
+    Hydra's config, else the running Hydra job's; False when neither says (a config composed without Hydra's)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    mode = OmegaConf.select(cfg, "hydra.mode", default=None)
+    if mode is None and HydraConfig.initialized():
+        mode = HydraConfig.get().mode
+    return mode is not None and str(mode) in (str(RunMode.RUN), "RUN")
+
+
 def _check_between_keys(cfg: DictConfig) -> None:
     trainer, scheduler = cfg.trainer, cfg.scheduler
     total = scheduler.total_steps or trainer.max_steps
@@ -97,6 +109,9 @@ def _check_between_keys(cfg: DictConfig) -> None:
         which = "scheduler.total_steps" if scheduler.total_steps else "trainer.max_steps"
         raise ConfigError(f"scheduler.warmup_steps={scheduler.warmup_steps} must be below {which}={total} "
                           "(the learning rate would never reach optim.lr)")
+    if cfg.seeds > 1 and _is_single_run(cfg):
+        raise ConfigError(f"seeds={cfg.seeds} runs every variant {cfg.seeds} times and needs a multirun: add -m, "
+                          "or seeds=1 for one run (seed=N picks its seed)")
     if cfg.resume is not None and cfg.ckpt_path:
         raise ConfigError("resume=auto and ckpt_path are both set; use one (resume=auto: the run dir's last checkpoint)")
     _check_strategy(trainer.strategy)

@@ -95,6 +95,9 @@ def prepare(argv: list[str]) -> list[str]:
 
     argv = _absolute_config_path(argv)
     args = _parse(argv)
+    if args.multirun and args.cfg:
+        raise ConfigError(f"-m and --cfg {args.cfg} cannot be combined (Hydra does one of them); --cfg job without -m "
+                          "prints one job's config, -m runs the sweep")
     where = dict(config_path=args.config_path, config_dir=args.config_dir, config_name=args.config_name or "train")
     overrides = list(args.overrides)
     flags = list(argv)  # the flags (-m, --cfg job, --config-path X, ...): everything but the overrides
@@ -126,12 +129,15 @@ def prepare(argv: list[str]) -> list[str]:
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     base = compose(fixed, multirun=True, return_hydra_config=True, **where)
     sweeper = str(base.hydra.sweeper.get("_target_", ""))
-    if not sweeper.endswith("BasicSweeper"):
+    if not sweeper.endswith(("BasicSweeper", "OlmSweeper")):
         check_run(base)
         _check_search_space(base)
+        if base.seeds > 1:
+            raise ConfigError(f"seeds={base.seeds} is for grid sweeps (hydra/sweeper=olm); {sweeper.rsplit('.', 1)[-1]} "
+                              "runs one seed per trial: drop seeds, or give seed=N")
         return [*flags, *overrides]
     params = base.hydra.sweeper.get("params") or {}
-    jobs, total = sweep_jobs(overrides, dict(params))
+    jobs, total = sweep_jobs(overrides, dict(params), int(base.seeds), int(base.seed))
     for job in jobs:
         check_run(compose(job, multirun=True, return_hydra_config=True, **where))
     if total > len(jobs):

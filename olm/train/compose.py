@@ -78,6 +78,13 @@ def compose(overrides: list[str] = (), *, config_path: str | None = None, config
             raise ConfigError(_missing_option(exc)) from None
         except ConfigCompositionException as exc:
             raise ConfigError(_composition_error(overrides, exc, config_path, config_dir, config_name)) from None
+    if "hydra" in cfg and cfg.hydra.get("mode") is None:
+        with open_dict(cfg):
+            cfg.hydra.mode = mode  # as Hydra's run and multirun set it, so checks know which one this is
+    if return_hydra_config:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(cfg)  # as Hydra does for a job: ${hydra:runtime.choices...} resolves
     if not return_hydra_config and "hydra" in cfg:
         with open_dict(cfg):
             del cfg["hydra"]
@@ -134,22 +141,42 @@ def import_command_line_modules(overrides: list[str]) -> None:
                 register_configs()
 
 
-def sweep_jobs(overrides: list[str], sweep_params: dict | None) -> tuple[list[list[str]], int]:
-    """The jobs of a grid multirun, as Hydra's basic sweeper makes them: the experiment's ``hydra.sweeper.params``
-    then the command line's overrides, the sweep ones expanded. Returns (the first MAX_CHECKED_JOBS jobs' overrides,
-    the number of jobs)."""
+def seed_sweep(seeds: int, seed: int, overrides: list[str], sweep_params: dict | None) -> list[str]:
+    """The override that gives every variant of a grid ``seeds`` seeds (seed, ..., seed+seeds-1), or none for one
+    seed. A sweep over ``seed`` as well, or over ``seeds`` itself, is refused: they would pick the seeds twice."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{key}={value}" for key, value in (sweep_params or {}).items()]
+    for override in OverridesParser.create().parse_overrides(params + list(overrides)):
+        key = override.get_key_element().lstrip("+~")
+        if key == "seeds" and override.is_sweep_override():
+            raise ConfigError(f"seeds={override.get_value_element_as_str()} is a sweep; seeds takes one number: "
+                              "the seeds per variant (a positive integer)")
+        if key == "seed" and override.is_sweep_override() and seeds > 1:
+            raise ConfigError(f"seeds={seeds} and the sweep seed={override.get_value_element_as_str()} both pick "
+                              f"the seeds; keep one (seeds={seeds} runs seed={seed},...,{seed + seeds - 1})")
+    return [f"seed=range({seed},{seed + seeds})"] if seeds > 1 else []
+
+
+def sweep_jobs(overrides: list[str], sweep_params: dict | None, seeds: int = 1,
+               seed: int = 0) -> tuple[list[list[str]], int]:
+    """The jobs of a grid multirun, as olm's sweeper makes them: the experiment's ``hydra.sweeper.params``, then the
+    command line's overrides, then the seeds (``seeds=N``), the sweep ones expanded. Returns (the first
+    MAX_CHECKED_JOBS jobs' overrides, the number of jobs)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
     params = [f"{key}={value}" for key, value in (sweep_params or {}).items()]
-    parsed = parser.parse_overrides(params + list(overrides))
-    lists = []
+    extra = seed_sweep(seeds, seed, list(overrides), sweep_params)
+    parsed = parser.parse_overrides(params + list(overrides) + extra)
+    by_key: dict[str, list[str]] = {}  # a later override of a key replaces an earlier one, as in Hydra's sweeper
     for override in parsed:
+        key = override.get_key_element()
         if override.is_sweep_override():
-            key = override.get_key_element()
-            lists.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+            by_key[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
         else:
-            lists.append([override.input_line])
+            by_key[key] = [override.input_line]
+    lists = list(by_key.values())
     total = 1
     for values in lists:
         total *= len(values)

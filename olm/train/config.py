@@ -203,10 +203,12 @@ class LoggerConfig:
     mode: str = setting("auto", choices=WANDB_MODES)  # auto: online when WANDB_API_KEY is set, else offline
     project: str = "olm"
     entity: Optional[str] = None
-    group: Optional[str] = None
+    # One group per experiment (its compare.experiment), else one per multirun (the sweep dir's name).
+    group: Optional[str] = "${compare.experiment}"
     tags: List[str] = setting([], check=lambda v: all(isinstance(t, str) and len(t) <= 64 for t in v),
                               allowed="strings of at most 64 characters (W&B's limit)")
-    job_type: Optional[str] = "train"
+    # The run's variant (its overrides without the seed), so that W&B groups a variant's seeds together.
+    job_type: Optional[str] = "${olm.variant:}"
 
 
 @dataclass
@@ -266,6 +268,29 @@ SPEED_KEYS = tuple(f.name for f in dataclasses.fields(SpeedConfig))
 
 
 @dataclass
+class CompareConfig:
+    """What ``olm compare`` needs to know about the experiment a run belongs to (training does not read it)."""
+
+    experiment: Optional[str] = None  # groups the runs in reports, and is the W&B group
+    question: Optional[str] = None  # printed at the top of the report
+    # The variant the others are compared with, as its overrides ("model.ff_multiplier=2.6666666666666665"; several
+    # joined by ","); null: the first variant. `olm compare --baseline` overrides it.
+    baseline: Optional[str] = None
+    # The metric that ranks the variants: auto is val_loss, or val_bpb when the runs' tokenizers differ.
+    metric: str = "auto"
+
+
+@dataclass
+class LadderConfig:
+    """A scaling ladder: an experiment run at several sizes (its ``shape`` sweep), each trained on
+    ``tokens_per_parameter`` tokens per parameter; ``olm compare`` fits loss against compute for each variant."""
+
+    size: Optional[str] = None  # this run's rung (null: not a ladder); ladder experiments set it to ${shape}
+    tokens_per_parameter: Optional[float] = setting(None, check=lambda v: v is None or (_num(v) and v > 0),
+                                                    allowed="a number > 0")
+
+
+@dataclass
 class TrainConfig(SpeedConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING
@@ -276,7 +301,12 @@ class TrainConfig(SpeedConfig):
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # seed: model init, data order (data.seed follows it unless set) and dropout. seeds=N makes a multirun (-m) run
+    # every variant N times, with seeds seed, seed+1, ..., seed+N-1 (docs/experiments.md: "Seeds").
     seed: int = setting(0, check=non_negative_int, allowed="an integer >= 0")
+    seeds: int = setting(1, check=positive_int, allowed="a positive integer (the number of seeds per variant, -m)")
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    ladder: LadderConfig = field(default_factory=LadderConfig)
     # The run's name in W&B and in reports: the experiment (or model) and the job's overrides.
     name: str = "${olm.run_name:}"
     # Resume: null (fresh) or auto (the run dir's last checkpoint); ckpt_path: a checkpoint file.
@@ -326,16 +356,58 @@ def run_name() -> str:
         if key == "experiment":
             experiment = "+".join(part.strip() for part in value.strip("[]").split(",") if part.strip())
     overrides = hc.job.get("override_dirname") or ""
+    name = overrides or str(choices.get("model") or "olm")
     if experiment:
-        return f"{experiment}/{overrides}" if overrides else str(experiment)
-    return overrides or str(choices.get("model") or "olm")
+        name = f"{experiment}/{overrides}" if overrides else str(experiment)
+    seed = next((str(o).partition("=")[2] for o in hc.overrides.task if str(o).lstrip("+").startswith("seed=")), None)
+    return f"{name}/seed={seed}" if seed is not None else name
+
+
+def variant_name() -> str:
+    """The job's variant: its overrides without the seed (Hydra's ``job.override_dirname``), or "train"."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return "train"
+    return HydraConfig.get().job.get("override_dirname") or "train"
+
+
+def ladder_steps(steps: Any = None, *, _root_) -> int:
+    """``${olm.steps:N}``: N, or in a ladder (``ladder.size`` set) the optimizer steps that give
+    ``ladder.tokens_per_parameter`` tokens per parameter: ceil(k N / (batch_size x seq_len x accumulate_grad_batches)),
+    N counted as for FLOPs (olm.train.flops). Under DDP each step sees world-size times more tokens."""
+    ladder = _root_.ladder
+    if ladder.size is None:
+        if steps is None:
+            raise ConfigError("trainer.max_steps=${olm.steps:} needs a number outside a ladder (ladder.size is null)")
+        return int(steps)
+    if ladder.tokens_per_parameter is None:
+        raise ConfigError(f"ladder.size={ladder.size!r} needs ladder.tokens_per_parameter (tokens per parameter, > 0)")
+    model = OmegaConf.to_container(_root_.model, resolve=True)
+    per_step = _root_.data.batch_size * _root_.data.seq_len * _root_.trainer.accumulate_grad_batches
+    return max(1, math.ceil(ladder.tokens_per_parameter * _parameters(repr(sorted(model.items())), model) / per_step))
+
+
+_PARAMETERS: dict[str, int] = {}
+
+
+def _parameters(key: str, model: dict) -> int:
+    if key not in _PARAMETERS:
+        import torch
+
+        import olm
+        from olm.train.flops import active_parameters
+
+        with torch.device("meta"):
+            _PARAMETERS[key] = active_parameters(olm.build_model(model))
+    return _PARAMETERS[key]
 
 
 def register_resolvers() -> None:
     from olm.data.tokenizers import default_cache_dir
 
     resolvers = (("olm.cache_dir", default_cache_dir), ("olm.vocab_size", _vocab_size), ("olm.run_name", run_name),
-                 ("olm.output_dir", output_dir))
+                 ("olm.output_dir", output_dir), ("olm.variant", variant_name), ("olm.steps", ladder_steps))
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
@@ -351,7 +423,12 @@ def register_configs() -> None:
     register_resolvers()
     root = OmegaConf.structured(TrainConfig)
     OmegaConf.set_struct(root, False)  # experiments' own variables; the command line is strict all the same
-    ConfigStore.instance().store(name="schema_train", node=root)
+    store = ConfigStore.instance()
+    store.store(name="schema_train", node=root)
+    # olm's grid sweeper (seeds=N), the default of conf/train.yaml: Hydra's basic sweeper plus the seeds axis.
+    store.store(group="hydra/sweeper", name="olm", provider="olm",
+                node={"_target_": "hydra_plugins.olm_plugins.sweeper.OlmSweeper", "max_batch_size": None,
+                      "params": None})
     register_model_configs()
 
 

@@ -9,6 +9,11 @@ Training FLOPs per token follow the PaLM appendix B / nanoGPT convention:
   matrix used in the output projection.
 - 12 L H Q T: attention scores and weighted sums (QK^T and AV, forward and backward) for L layers, H heads of size Q
   at sequence length T. Causal masking is not discounted, as in nanoGPT, so figures are comparable with it.
+- What a token really uses: in a mixture of experts N counts the router and the ``top_k`` experts a token is sent
+  to, not all ``num_experts``; a sliding-window layer attends to at most ``window`` keys, so its T is
+  min(window, T).
+
+Training FLOPs of a run = flops_per_token x tokens seen (logged as ``flops_seen``; ``train_flops`` in summary.json).
 
 MFU = achieved FLOP/s / peak FLOP/s, with the dense (no sparsity) bf16 peak of the card.
 """
@@ -40,9 +45,22 @@ def peak_flops(device_name: str | None) -> float | None:
     return None
 
 
+def active_parameters(model) -> int:
+    """Parameters a token passes through: all but the learned position tables and the experts it is not routed to."""
+    n = model.num_parameters(exclude_position_embeddings=True)
+    for module in model.modules():
+        experts, top_k = getattr(module, "num_experts", None), getattr(module, "top_k", None)
+        if experts and top_k:
+            expert_weights = module.fc.numel() + module.proj.numel()  # (E, 2h, d) and (E, d, h)
+            n -= expert_weights * (experts - top_k) // experts
+    return n
+
+
 def flops_per_token(model, seq_len: int) -> float:
     """6N + 12 L H Q T for an olm LM (see module docstring)."""
-    n = model.num_parameters(exclude_position_embeddings=True)
-    layers = model.blocks
-    attention_term = sum(12 * b.attention.num_heads * b.attention.head_dim * seq_len for b in layers)
-    return 6 * n + attention_term
+    attention_term = 0
+    for block in model.blocks:
+        attention = block.attention
+        keys = min(attention.window, seq_len) if attention.window else seq_len
+        attention_term += 12 * attention.num_heads * attention.head_dim * keys
+    return 6 * active_parameters(model) + attention_term

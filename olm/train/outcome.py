@@ -121,6 +121,8 @@ def summarize(run_dir: Path, metrics: dict[str, float], *, datamodule, trainer, 
         "num_parameters": num_params,
         "steps": trainer.global_step,
         "tokens_seen": trainer.global_step * throughput.tokens_per_step,
+        "flops_per_token": throughput.flops_per_token,
+        "train_flops": trainer.global_step * throughput.tokens_per_step * throughput.flops_per_token,
         "tokens_per_sec": throughput.tokens_per_sec,
         "mfu": throughput.mfu,
         "wall_time_s": round(time.time() - started, 2),
@@ -128,7 +130,15 @@ def summarize(run_dir: Path, metrics: dict[str, float], *, datamodule, trainer, 
         "last_checkpoint": checkpoint.last_model_path or None,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "world_size": trainer.world_size,
+        "train_loss": _number(metrics.get("train/loss")),
+        # Per-source and downstream metrics, under their logged names (val/<source>/loss, eval/<task>/<metric>).
+        **{key: _number(value) for key, value in sorted(metrics.items())
+           if key.startswith(("val/", "eval/")) and key not in ("val/loss", "val/bpb", "val/ppl")},
     }
+
+
+def _number(value) -> float | None:
+    return float(value) if value is not None else None
 
 
 def final_lines(run_dir: Path, summary: dict[str, Any]) -> list[str]:

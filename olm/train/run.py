@@ -302,6 +302,8 @@ def train(cfg: DictConfig) -> float | None:
         if trainer.global_step % validation_steps(trainer_cfg) or "val/loss" not in trainer.callback_metrics:
             trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if getattr(module, "last_train_loss", None) is not None:  # a validate() after fit drops the train metrics
+            metrics["train/loss"] = module.last_train_loss
         summary = None
         if trainer.is_global_zero:
             summary = finish(cfg, run_dir, module, datamodule, sample, metrics, continuing=continuing,

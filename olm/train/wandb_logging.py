@@ -94,7 +94,7 @@ def make_wandb_logger(cfg: LoggerConfig, name: str, run_dir: Path, resume_run_id
         entity=cfg.entity,
         group=cfg.group or _sweep_group(),
         tags=list(cfg.tags),
-        job_type=cfg.job_type,
+        job_type=_fit_64(cfg.job_type),
         name=name,
     )
     if resume_run_id:
@@ -118,6 +118,16 @@ def make_wandb_logger(cfg: LoggerConfig, name: str, run_dir: Path, resume_run_id
                 pass
     log.warning("W&B disabled for this run; metrics.csv and summary.json are still written")
     return None
+
+
+def _fit_64(text: str | None) -> str | None:
+    """W&B keeps at most 64 characters of a job type: a longer variant name keeps its start and a hash of the rest,
+    so that two variants never share one."""
+    if text is None or len(text) <= 64:
+        return text
+    import hashlib
+
+    return f"{text[:55]}~{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
 def _multirun_job():

@@ -1,0 +1,230 @@
+"""The report's figures (matplotlib's object API: no pyplot, no global state, rendered with Agg).
+
+One colour per variant, the same in every figure of a study; legends outside the data; titles name the study and
+the metric; axes carry units. Curves are the mean over a variant's seeds with a band of +-1 standard deviation;
+final metrics are points with 95% intervals, never lines through categories.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from olm.compare.study import Study, Variant, lower_is_better, units
+
+X_AXES = {"steps": "optimizer steps", "tokens": "tokens seen", "flops": "training FLOPs"}
+MAX_CURVES = 10
+
+
+def colours(study: Study) -> dict[int, tuple]:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if len(study.variants) <= 10 else "tab20"]
+    return {id(v): palette(i % palette.N) for i, v in enumerate(study.variants)}
+
+
+def shown_variants(study: Study, cap: int = MAX_CURVES) -> list[Variant]:
+    """At most ``cap`` variants: the baseline and those with the best means of the study's metric."""
+    if len(study.variants) <= cap:
+        return list(study.variants)
+    table = study.tables.get(study.metric)
+    sign = 1 if lower_is_better(study.metric) else -1
+    ranked = sorted((r for r in table.rows if r.summary is not None), key=lambda r: sign * r.summary.mean) \
+        if table else []
+    keep = [study.baseline] + [r.variant for r in ranked if r.variant is not study.baseline]
+    keep = keep[:cap]
+    return [v for v in study.variants if v in keep]
+
+
+def _figure(width: float = 8.0, height: float = 4.5):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _x(point, x: str):
+    return {"steps": point.step, "tokens": point.tokens, "flops": point.flops}[x]
+
+
+def curve_band(variant: Variant, curve: str, x: str, rung: str | None):
+    """(xs, mean, std or None) over the variant's runs that logged ``curve``, at the steps all of them logged."""
+    runs = [r for r in variant.runs if curve in r.curves and (rung is None or _rung(r) == rung)]
+    if not runs:
+        return None
+    by_run = [{p.step: p for p in r.curves[curve] if _x(p, x) is not None} for r in runs]
+    steps = sorted(set.intersection(*(set(points) for points in by_run)))
+    if not steps:
+        return None
+    xs = np.array([float(np.mean([_x(points[s], x) for points in by_run])) for s in steps])
+    values = np.array([[points[s].value for s in steps] for points in by_run])
+    std = values.std(axis=0, ddof=1) if len(runs) > 1 else None
+    return xs, values.mean(axis=0), std, len(runs)
+
+
+def _rung(run):
+    size = run.config.get("ladder.size")
+    return None if size is None else str(size)
+
+
+def plot_curves(study: Study, curve: str, x: str, path: Path) -> bool:
+    """Mean curve per variant with its seed band; False (nothing written) when no run logged the curve."""
+    shown = shown_variants(study)
+    colour = colours(study)
+    rung = study.rungs[-1] if study.rungs else None
+    fig = _figure()
+    ax = fig.add_subplot()
+    drawn = False
+    for variant in shown:
+        band = curve_band(variant, curve, x, rung)
+        if band is None:
+            continue
+        xs, mean, std, n = band
+        ax.plot(xs, mean, color=colour[id(variant)], label=f"{variant.label} (n={n})", linewidth=1.6)
+        if std is not None:
+            ax.fill_between(xs, mean - std, mean + std, color=colour[id(variant)], alpha=0.2, linewidth=0)
+        drawn = True
+    if not drawn:
+        return False
+    what = "train loss" if curve.startswith("train") else "val loss"
+    size = f", size {rung}" if rung else ""
+    fig.suptitle(f"{study.name}: {what}{size}")
+    ax.set_title("mean over seeds, band: +-1 standard deviation", fontsize=9)
+    ax.set_xlabel(X_AXES[x])
+    ax.set_ylabel(f"{what} (nats/token)")
+    if x == "flops":
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    hidden = len(study.variants) - len(shown)
+    title = f"{hidden} more variants not drawn" if hidden else None
+    fig.legend(loc="outside right upper", fontsize=8, title=title, title_fontsize=8)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def _numeric_axis(study: Study, variants: list[Variant]) -> tuple[str, list[float]] | None:
+    """When variants differ in exactly one numeric key: (that key, each variant's value)."""
+    if len(study.swept) != 1:
+        return None
+    key = study.swept[0]
+    try:
+        return key, [float(dict(v.key)[key]) for v in variants]
+    except (KeyError, ValueError):
+        return None
+
+
+def plot_final(study: Study, metric: str, path: Path, cap: int = 30) -> bool:
+    table = study.tables.get(metric)
+    if table is None:
+        return False
+    rows = [r for r in table.rows if r.summary is not None]
+    if len(rows) > cap:
+        keep = set(map(id, shown_variants(study, cap)))
+        rows = [r for r in rows if id(r.variant) in keep]
+    if not rows:
+        return False
+    colour = colours(study)
+    fig = _figure(max(8.0, min(14.0, 3.0 + 0.6 * len(rows))), 4.5)
+    ax = fig.add_subplot()
+    numeric = _numeric_axis(study, [r.variant for r in rows])
+    for i, row in enumerate(rows):
+        s = row.summary
+        xpos = numeric[1][i] if numeric else i
+        err = None if s.low is None else [[s.mean - s.low], [s.high - s.mean]]
+        ax.errorbar([xpos], [s.mean], yerr=err, fmt="o", color=colour[id(row.variant)], capsize=4, markersize=7,
+                    label=f"{row.variant.label} (n={s.n})")
+        for value in row.variant.values(metric, table.rung):  # the seeds themselves, faint
+            ax.plot([xpos], [value], ".", color=colour[id(row.variant)], alpha=0.35)
+    base = next((r for r in rows if r.variant is study.baseline), None)
+    if base is not None:
+        ax.axhline(base.summary.mean, color="grey", linestyle=":", linewidth=1, label="baseline mean")
+    if numeric:
+        ax.set_xlabel(numeric[0])
+        values = [v for v in numeric[1] if v > 0]
+        if len(values) == len(numeric[1]) and max(values) / min(values) >= 30:  # log-sampled: a log axis
+            ax.set_xscale("log")
+            _plain_log_ticks(ax.xaxis)
+        distinct = sorted(set(numeric[1]))
+        if len(distinct) <= 12:  # few values: a tick at each, so that labels never crowd
+            ax.set_xticks(distinct, [f"{v:.4g}" for v in distinct], fontsize=8)
+            ax.xaxis.set_minor_locator(_null_locator())
+    else:
+        ax.set_xticks(range(len(rows)), [r.variant.label for r in rows], rotation=30 if len(rows) > 3 else 0,
+                      ha="right" if len(rows) > 3 else "center", fontsize=8)
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.set_xlabel("variant")
+    unit = units(metric)
+    ax.set_ylabel(f"final {metric}" + (f" ({unit})" if unit else ""))
+    size = f", size {table.rung}" if table.rung else ""
+    fig.suptitle(f"{study.name}: final {metric}{size}")
+    ax.set_title("mean with 95% interval; small dots: the seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=8)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def plot_ladder(study: Study, path: Path) -> bool:
+    fitted = [e for e in study.ladder if e.fit is not None]
+    points = [e for e in study.ladder if e.fit is not None or e.variant.finished()]
+    if not points:
+        return False
+    colour = colours(study)
+    fig = _figure(8.5, 5.0)
+    ax = fig.add_subplot()
+    target = study.target_compute
+    for entry in points:
+        c = colour[id(entry.variant)]
+        rungs = entry.fit.rungs if entry.fit else {}
+        for runs in rungs.values():
+            computes = np.array([p[0] for p in runs])
+            losses = np.array([p[1] for p in runs])
+            std = losses.std(ddof=1) if len(losses) > 1 else 0.0
+            ax.errorbar([computes.mean()], [losses.mean()], yerr=[[std], [std]] if std else None, fmt="o", color=c,
+                        capsize=3, markersize=6)
+        if entry.fit is None:
+            continue
+        fit = entry.fit.fit  # the caption holds the formula: L = E + A C^-alpha
+        lo = min(p[0] for runs in rungs.values() for p in runs)
+        hi = max(p[0] for runs in rungs.values() for p in runs)
+        xs = np.geomspace(lo, hi, 100)
+        ax.plot(xs, fit.predict(xs), color=c, linewidth=1.6,
+                label=f"{entry.variant.label}: E={fit.E:.3g}, alpha={fit.alpha:.3g}")
+        if target is not None and target > hi:
+            ext = np.geomspace(hi, target, 60)
+            ax.plot(ext, fit.predict(ext), color=c, linestyle="--", linewidth=1.2)
+            if entry.prediction is not None:
+                value, interval = entry.prediction
+                err = None if interval is None else [[value - interval[0]], [interval[1] - value]]
+                ax.errorbar([target], [value], yerr=err, fmt="D", color=c, capsize=3, markersize=5)
+    if target is not None:
+        ax.axvline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3g} FLOPs")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
+    unit = units(study.metric)
+    ax.set_xlabel("training compute (FLOPs)")
+    ax.set_ylabel(f"final {study.metric}" + (f" ({unit})" if unit else ""))
+    fig.suptitle(f"{study.name}: {study.metric} against compute")
+    ax.set_title("fit L = E + A C^-alpha per variant; points: mean +- std over seeds", fontsize=9)
+    if target:
+        ax.plot([], [], color="grey", linestyle="--", label="extrapolated fit")
+    ax.grid(alpha=0.3, which="both")
+    if fitted or target is not None:
+        fig.legend(loc="outside right upper", fontsize=8)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def _plain_log_ticks(axis) -> None:
+    """Log-axis labels as plain numbers (3.5, not 3.5 x 10^0): losses span less than a decade."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    axis.set_major_formatter(FormatStrFormatter("%.3g"))
+    axis.set_minor_formatter(FormatStrFormatter("%.3g"))
+
+
+def _null_locator():
+    from matplotlib.ticker import NullLocator
+
+    return NullLocator()
