@@ -282,11 +282,12 @@ def test_resume_extends_a_finished_run_with_its_own_config(finished_run, tmp_pat
     assert summary["status"] == "finished" and summary["steps"] == 30
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert rows[: len(rows_before)] == rows_before  # the first 20 steps' rows are kept as they were
-    new_rows = [r.split(",") for r in rows[len(rows_before):]]
-    steps = [int(r[3]) for r in new_rows]
+    header = rows[0].split(",")
+    new_rows = [dict(zip(header, r.split(","))) for r in rows[len(rows_before):]]
+    steps = [int(r["step"]) for r in new_rows]
     assert steps and min(steps) >= 20 and max(steps) == 29  # continued from step 20, not from 0
     # the new optimizer settings apply (Lightning would restore the checkpoint's lr): constant 1e-4 from step 20
-    assert {round(float(r[1]), 9) for r in new_rows if r[1]} == {1e-4}
+    assert {round(float(r["lr"]), 9) for r in new_rows if r["lr"]} == {1e-4}
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.trainer.max_steps == 30 and saved.model.embed_dim == 32 and saved.logger.name == "none"
     assert saved.name == OmegaConf.load(finished_run / "config.yaml").name  # the run keeps its name
@@ -376,13 +377,15 @@ def test_olm_models_lists_the_config_presets_too(capsys):
 
 
 def test_run_names_come_from_the_experiment_and_overrides(tmp_path):
-    proc = olm_train(["-m", "+experiment=[ffn_multiplier,smoke]", "model.ff_multiplier=2", "seed=0,1",
+    proc = olm_train(["-m", "+experiment=[ffn_multiplier,smoke]", "model.ff_multiplier=2", "seeds=2",
                       "trainer.max_steps=6", "trainer.val_check_interval=6", "logger=csv",
                       f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = {OmegaConf.load(p).name for p in (tmp_path / "sweep").glob("*/config.yaml")}
-    # the seed is not part of the variant's name
-    assert names == {"ffn_multiplier+smoke/model.ff_multiplier=2,trainer.max_steps=6,trainer.val_check_interval=6"}
+    configs = [OmegaConf.load(p) for p in sorted((tmp_path / "sweep").glob("*/config.yaml"))]
+    # the variant is the overrides without the seed (W&B's job type); the run's name adds the seed
+    variant = "model.ff_multiplier=2,trainer.max_steps=6,trainer.val_check_interval=6"
+    assert [c.name for c in configs] == [f"ffn_multiplier+smoke/{variant}/seed={i}" for i in (0, 1)]
+    assert {c.logger.job_type for c in configs} == {variant}
     assert sorted(p.name for p in (tmp_path / "sweep" / "0").glob("*.log")) == ["train.log"]
     # quiet by default: no FLOPs column, no "Epoch 0/-2", no TPU line
     log = (tmp_path / "sweep" / "0" / "train.log").read_text() + proc.stdout + proc.stderr

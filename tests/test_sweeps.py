@@ -57,7 +57,10 @@ def num_parameters(cfg) -> int:
     return olm.build_model(OmegaConf.to_container(cfg.model, resolve=True)).num_parameters()
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+LADDERS = [name for name in EXPERIMENTS if "\nladder: {size:" in (ROOT / "experiments" / f"{name}.yaml").read_text()]
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in LADDERS])
 def test_experiment_states_its_question_and_sweeps_fairly(name):
     header = (ROOT / "experiments" / f"{name}.yaml").read_text().split("\ndefaults:")[0]
     assert header.startswith("# @package _global_\n# Question:") and "Fixed budget:" in header
@@ -67,7 +70,9 @@ def test_experiment_states_its_question_and_sweeps_fairly(name):
     # Fair by construction: the sweep changes the model only, never the data, its order, the optimizer or the budget.
     assert len(values) >= 2 and (key.startswith("model") or key == "shape"), key
     assert cfg.trainer.max_steps >= 1000 and cfg.data.seq_len == 256 and cfg.data.seed == cfg.seed
-    assert cfg.logger.group == name
+    assert cfg.logger.group == name == cfg.compare.experiment and cfg.compare.question
+    assert cfg.seeds == 3  # the seeds per variant of the real budget
+    assert cfg.compare.baseline in [f"{key}={value}" for value in values]  # names one of the variants
     if name == "depth_vs_width":  # about equal parameter counts
         params = []
         for shape in values:
@@ -75,16 +80,40 @@ def test_experiment_states_its_question_and_sweeps_fairly(name):
             params.append(num_parameters(cfg))
         assert max(params) / min(params) < 1.04, params
 
-    # smoke last: tiny sizes; the sweep, the W&B group and job-specific names and tags kept
-    job = compose_job([f"+experiment=[{name},smoke]", f"{key}={values[-1]}"])
+    # smoke last: tiny sizes; the sweep, the seeds, the W&B group and job-specific names and tags kept
+    job = compose_job([f"+experiment=[{name},smoke]", f"{key}={values[-1]}", "seed=1"])
     assert str(job.hydra.sweeper.params[key]).split(",") == values
     assert job.trainer.max_steps == 20 and job.trainer.accelerator == "cpu" and job.data.seq_len == 32
-    assert job.logger.group == name and job.name == f"{name}+smoke/{key}={values[-1]}"
+    assert job.logger.group == name and job.name == f"{name}+smoke/{key}={values[-1]}/seed=1"
+    assert job.logger.job_type == f"{key}={values[-1]}" and job.seeds == 3
     tags = OmegaConf.to_container(job.logger.tags, resolve=True)
     assert tags[0] == name and values[-1].lower() in tags[1].lower() and all(1 <= len(t) <= 64 for t in tags)
     assert num_parameters(job) < 100_000
     if name == "depth_vs_width":
         assert (job.model.num_layers, job.model.embed_dim) == (16, 16)
+
+
+@pytest.mark.parametrize("name", LADDERS)
+def test_ladder_experiment_is_compute_matched(name):
+    header = (ROOT / "experiments" / f"{name}.yaml").read_text().split("\ndefaults:")[0]
+    assert header.startswith("# @package _global_\n# Question:") and "Budget: " in header
+    cfg = compose_job([f"+experiment={name}"])
+    params = dict(cfg.hydra.sweeper.params)
+    sizes = str(params.pop("shape")).split(",")
+    (key, values), = params.items()
+    assert len(sizes) >= 3 and key.startswith("model") and cfg.compare.baseline.startswith(key)
+    for smoke in (False, True):
+        budgets = []
+        for size in sizes:
+            job = compose_job([f"+experiment=[{name},smoke]" if smoke else f"+experiment={name}", f"shape={size}",
+                               f"{key}={values.split(',')[0]}"])
+            n = num_parameters(job) - (job.model.max_seq_len * job.model.embed_dim if job.model.position == "learned"
+                                       else 0)
+            tokens = job.trainer.max_steps * job.data.batch_size * job.data.seq_len
+            assert job.ladder.size == size
+            assert tokens / n == pytest.approx(job.ladder.tokens_per_parameter, rel=0.02)  # tokens = k x parameters
+            budgets.append(tokens)
+        assert budgets == sorted(budgets) and budgets[-1] > 4 * budgets[0]
 
 
 def olm_train(args: list[str], sweep_dir: Path, cache_dir: Path) -> str:
@@ -96,26 +125,33 @@ def olm_train(args: list[str], sweep_dir: Path, cache_dir: Path) -> str:
 
 
 @pytest.mark.slow
-def test_grid_multirun_end_to_end_then_compare(tmp_path, cache_dir):
+def test_grid_multirun_with_seeds_end_to_end_then_compare(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
-    olm_train(["+experiment=[ffn_multiplier,smoke]", "model.ff_multiplier=2,4", *FAST], sweep, cache_dir)
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == ["0", "1"]
+    olm_train(["+experiment=[ffn_multiplier,smoke]", "model.ff_multiplier=2,4", "seeds=2", *FAST], sweep, cache_dir)
+    jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]  # (variant, seed), the seed varying fastest
     summaries = [json.loads((p / "summary.json").read_text()) for p in jobs]
-    assert [s["status"] for s in summaries] == ["finished", "finished"]
-    assert summaries[0]["tokens_seen"] == summaries[1]["tokens_seen"] == 6 * 4 * 32  # same budget
-    assert summaries[0]["num_parameters"] < summaries[1]["num_parameters"]
-    assert [yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text())[0] for p in jobs] == [
-        "model.ff_multiplier=2", "model.ff_multiplier=4"]
+    assert [s["status"] for s in summaries] == ["finished"] * 4
+    assert len({s["tokens_seen"] for s in summaries}) == 1 and summaries[0]["tokens_seen"] == 6 * 4 * 32
+    assert summaries[0]["train_flops"] == summaries[0]["flops_per_token"] * summaries[0]["tokens_seen"]
+    overrides = [yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text()) for p in jobs]
+    assert [(next(x for x in o if x.startswith("model.")), o[-1]) for o in overrides] == [("model.ff_multiplier=2", "seed=0"), ("model.ff_multiplier=2", "seed=1"),
+                                                  ("model.ff_multiplier=4", "seed=0"), ("model.ff_multiplier=4", "seed=1")]
+    configs = [yaml.safe_load((p / "config.yaml").read_text()) for p in jobs]
+    assert [(c["seed"], c["data"]["seed"]) for c in configs] == [(0, 0), (1, 1), (0, 0), (1, 1)]  # paired by seed
+    assert configs[1]["logger"]["job_type"] == "model.ff_multiplier=2,trainer.max_steps=6,trainer.val_check_interval=3"
+    assert configs[1]["logger"]["group"] == "ffn_multiplier"
 
     assert main(["compare", str(sweep), "--out", str(tmp_path / "report")]) == 0
-    text = (tmp_path / "report" / "report.md").read_text()
-    rows = [line for line in text.splitlines() if re.match(r"\|( \*\*best\*\*)? +\| [01] \| finished \| [24] \|", line)]
-    assert len(rows) == 2 and sum("**best**" in r for r in rows) == 1, text
-    assert f"{summaries[0]['num_parameters']:,}" in rows[0] and f"{summaries[0]['val_loss']:.4f}" in rows[0]
-    assert "Same data in the same order for every run" in text
-    assert [len(r.curve) for r in load_runs([sweep])] == [2, 2]  # val loss at steps 3 and 6
-    for png in ("val_loss.png", "final_val_loss.png"):
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    study, = data["studies"]
+    assert study["name"] == "ffn_multiplier" and study["baseline"] == "ff_multiplier=2"  # the declared one is absent
+    rows = {r["variant"]: r for r in study["variants"] if r["metric"] == "val_loss"}
+    assert set(rows) == {"ff_multiplier=2", "ff_multiplier=4"} and rows["ff_multiplier=4"]["n"] == 2
+    assert rows["ff_multiplier=4"]["test"] == "paired t"
+    assert rows["ff_multiplier=2"]["mean"] == pytest.approx((summaries[0]["val_loss"] + summaries[1]["val_loss"]) / 2)
+    assert len(load_runs([sweep])[0].curves["val/loss"]) == 2  # val loss at steps 3 and 6
+    for png in ("val_loss.png", "train_loss.png", "final.png"):
         with Image.open(tmp_path / "report" / png) as image:
             image.verify()
             assert image.format == "PNG"

@@ -78,7 +78,7 @@ def compose(overrides: list[str] = (), *, config_path: str | None = None, config
             raise ConfigError(_missing_option(exc)) from None
         except ConfigCompositionException as exc:
             raise ConfigError(_composition_error(overrides, exc, config_path, config_dir, config_name)) from None
-    if "hydra" in cfg and cfg.hydra.get("mode") is None:
+    if "hydra" in cfg and OmegaConf.select(cfg, "hydra.mode") is None:
         with open_dict(cfg):
             cfg.hydra.mode = mode  # as Hydra's run and multirun set it, so checks know which one this is
     if return_hydra_config:
@@ -149,11 +149,12 @@ def seed_sweep(seeds: int, seed: int, overrides: list[str], sweep_params: dict |
     params = [f"{key}={value}" for key, value in (sweep_params or {}).items()]
     for override in OverridesParser.create().parse_overrides(params + list(overrides)):
         key = override.get_key_element().lstrip("+~")
+        value = override.input_line.partition("=")[2] if override.input_line else ""
         if key == "seeds" and override.is_sweep_override():
-            raise ConfigError(f"seeds={override.get_value_element_as_str()} is a sweep; seeds takes one number: "
+            raise ConfigError(f"seeds={value} is a sweep; seeds takes one number: "
                               "the seeds per variant (a positive integer)")
         if key == "seed" and override.is_sweep_override() and seeds > 1:
-            raise ConfigError(f"seeds={seeds} and the sweep seed={override.get_value_element_as_str()} both pick "
+            raise ConfigError(f"seeds={seeds} and the sweep seed={value} both pick "
                               f"the seeds; keep one (seeds={seeds} runs seed={seed},...,{seed + seeds - 1})")
     return [f"seed=range({seed},{seed + seeds})"] if seeds > 1 else []
 

@@ -1,0 +1,60 @@
+"""Seeds as an axis of a grid sweep (seeds=N), the refusals around it, and the FLOPs a run logs for comparisons."""
+
+import pytest
+import torch
+
+import olm
+from olm.errors import ConfigError
+from olm.train.cli import prepare
+from olm.train.compose import compose, seed_sweep, sweep_jobs
+from olm.train.flops import active_parameters, flops_per_token
+
+SMOKE = ["+experiment=smoke", "logger=none"]
+
+
+def test_seeds_multiply_the_grid_with_the_seed_varying_fastest():
+    jobs, total = sweep_jobs(["optim.lr=1e-3,3e-3"], {}, seeds=3, seed=5)
+    assert total == 6
+    assert [(j[0], j[-1]) for j in jobs] == [(lr, f"seed={s}") for lr in ("optim.lr=0.001", "optim.lr=0.003")
+                                            for s in (5, 6, 7)]
+    assert seed_sweep(1, 0, ["optim.lr=1e-3,3e-3"], {}) == []  # one seed: the grid as given
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-m", *SMOKE, "seeds=2", "seed=0,1"], "seeds=2 and the sweep seed=0,1 both pick the seeds; keep one"),
+    (["-m", *SMOKE, "seeds=2,3"], "seeds=2,3 is a sweep; seeds takes one number"),
+    ([*SMOKE, "seeds=2"], "seeds=2 runs every variant 2 times and needs a multirun: add -m, or seeds=1"),
+    (["-m", *SMOKE, "seeds=0"], "seeds=0"),
+    (["-m", "hparams_search=optuna", *SMOKE, "seeds=2"], "seeds=2 is for grid sweeps (hydra/sweeper=olm)"),
+    (["-m", "--cfg", "job", *SMOKE], "-m and --cfg job cannot be combined"),
+])
+def test_seed_mistakes_are_one_line_before_anything_runs(argv, message):
+    with pytest.raises(ConfigError) as info:
+        prepare(argv)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_experiment_declares_its_seeds_and_a_single_run_can_opt_out():
+    cfg = compose(["+experiment=[ffn_multiplier,smoke]"], multirun=True, return_hydra_config=True)
+    assert cfg.seeds == 3 and cfg.hydra.sweeper._target_.endswith("OlmSweeper")
+    jobs, total = sweep_jobs([], dict(cfg.hydra.sweeper.params), cfg.seeds, cfg.seed)
+    assert total == 9 and jobs[2][-1] == "seed=2"
+    assert prepare(["+experiment=[ffn_multiplier,smoke]", "seeds=1", "logger=none"])  # one run: checked, allowed
+
+
+def test_flops_count_what_a_token_really_uses():
+    with torch.device("meta"):
+        dense = olm.build_model({"vocab_size": 256, "embed_dim": 64, "num_heads": 4, "num_layers": 2,
+                                 "max_seq_len": 128, "ffn": "swiglu"})
+        moe = olm.build_model({"vocab_size": 256, "embed_dim": 64, "num_heads": 4, "num_layers": 2,
+                               "max_seq_len": 128, "ffn": {"name": "moe", "num_experts": 8, "top_k": 2}})
+        local = olm.build_model({"vocab_size": 256, "embed_dim": 64, "num_heads": 4, "num_layers": 2,
+                                 "max_seq_len": 128, "attention": {"name": "sliding_window", "window": 32}})
+    attention = 2 * 12 * 4 * 16  # per key: layers x 12 x heads x head_dim
+    assert flops_per_token(dense, 128) == 6 * dense.num_parameters() + attention * 128
+    # MoE: the router and 2 of 8 experts per token, not all 8
+    experts = sum(b.ffn.fc.numel() + b.ffn.proj.numel() for b in moe.blocks)
+    assert active_parameters(moe) == moe.num_parameters() - experts * 6 // 8
+    # a 32-key window: attention over 32 keys, not the 128 of the sequence
+    assert flops_per_token(local, 128) == 6 * local.num_parameters() + attention * 32
+    assert flops_per_token(local, 16) == 6 * local.num_parameters() + attention * 16
