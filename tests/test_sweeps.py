@@ -125,39 +125,6 @@ def olm_train(args: list[str], sweep_dir: Path, cache_dir: Path) -> str:
 
 
 @pytest.mark.slow
-def test_grid_multirun_with_seeds_end_to_end_then_compare(tmp_path, cache_dir):
-    sweep = tmp_path / "sweep"
-    olm_train(["+experiment=[ffn_multiplier,smoke]", "model.ff_multiplier=2,4", "seeds=2", *FAST], sweep, cache_dir)
-    jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name))
-    assert [p.name for p in jobs] == ["0", "1", "2", "3"]  # (variant, seed), the seed varying fastest
-    summaries = [json.loads((p / "summary.json").read_text()) for p in jobs]
-    assert [s["status"] for s in summaries] == ["finished"] * 4
-    assert len({s["tokens_seen"] for s in summaries}) == 1 and summaries[0]["tokens_seen"] == 6 * 4 * 32
-    assert summaries[0]["train_flops"] == summaries[0]["flops_per_token"] * summaries[0]["tokens_seen"]
-    overrides = [yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text()) for p in jobs]
-    assert [(next(x for x in o if x.startswith("model.")), o[-1]) for o in overrides] == [("model.ff_multiplier=2", "seed=0"), ("model.ff_multiplier=2", "seed=1"),
-                                                  ("model.ff_multiplier=4", "seed=0"), ("model.ff_multiplier=4", "seed=1")]
-    configs = [yaml.safe_load((p / "config.yaml").read_text()) for p in jobs]
-    assert [(c["seed"], c["data"]["seed"]) for c in configs] == [(0, 0), (1, 1), (0, 0), (1, 1)]  # paired by seed
-    assert configs[1]["logger"]["job_type"] == "model.ff_multiplier=2,trainer.max_steps=6,trainer.val_check_interval=3"
-    assert configs[1]["logger"]["group"] == "ffn_multiplier"
-
-    assert main(["compare", str(sweep), "--out", str(tmp_path / "report")]) == 0
-    data = json.loads((tmp_path / "report" / "report.json").read_text())
-    study, = data["studies"]
-    assert study["name"] == "ffn_multiplier" and study["baseline"] == "ff_multiplier=2"  # the declared one is absent
-    rows = {r["variant"]: r for r in study["variants"] if r["metric"] == "val_loss"}
-    assert set(rows) == {"ff_multiplier=2", "ff_multiplier=4"} and rows["ff_multiplier=4"]["n"] == 2
-    assert rows["ff_multiplier=4"]["test"] == "paired t"
-    assert rows["ff_multiplier=2"]["mean"] == pytest.approx((summaries[0]["val_loss"] + summaries[1]["val_loss"]) / 2)
-    assert len(load_runs([sweep])[0].curves["val/loss"]) == 2  # val loss at steps 3 and 6
-    for png in ("val_loss.png", "train_loss.png", "final.png"):
-        with Image.open(tmp_path / "report" / png) as image:
-            image.verify()
-            assert image.format == "PNG"
-
-
-@pytest.mark.slow
 def test_optuna_search_gets_the_val_loss_back(tmp_path, cache_dir):
     sweep = tmp_path / "optuna"
     out = olm_train(["hparams_search=optuna", "+experiment=smoke", "hydra.sweeper.n_trials=2", *FAST], sweep, cache_dir)
@@ -169,3 +136,44 @@ def test_optuna_search_gets_the_val_loss_back(tmp_path, cache_dir):
     trials = [yaml.safe_load((sweep / str(i) / ".hydra" / "overrides.yaml").read_text()) for i in (0, 1)]
     lrs = [next(o for o in trial if o.startswith("optim.lr=")) for trial in trials]
     assert lrs[0] != lrs[1]  # the sampler proposed two trials
+
+
+@pytest.mark.slow
+def test_ladder_with_seeds_end_to_end_then_compare(tmp_path, cache_dir):
+    """The ladder experiment at smoke size with 2 seeds (12 jobs), then olm compare: variants over seeds, paired by
+    seed, and a power-law fit per variant."""
+    sweep = tmp_path / "ladder"
+    olm_train(["+experiment=[mlp_ladder,smoke]", "seeds=2", "ladder.tokens_per_parameter=0.1", "logger=none",
+               "trainer.val_check_interval=5"], sweep, cache_dir)
+    jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    summaries = [json.loads((p / "summary.json").read_text()) for p in jobs]
+    assert len(jobs) == 12 and {s["status"] for s in summaries} == {"finished"}
+    overrides = [yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text()) for p in jobs]
+    order = [(next(o for o in job if o.startswith("model/ffn")), next(o for o in job if o.startswith("shape=")),
+              job[-1]) for job in overrides]
+    assert order[:4] == [("model/ffn=gelu_mlp", "shape=s", "seed=0"), ("model/ffn=gelu_mlp", "shape=s", "seed=1"),
+                         ("model/ffn=gelu_mlp", "shape=m", "seed=0"), ("model/ffn=gelu_mlp", "shape=m", "seed=1")]
+    configs = [yaml.safe_load((p / "config.yaml").read_text()) for p in jobs]
+    assert [(c["seed"], c["data"]["seed"]) for c in configs[:2]] == [(0, 0), (1, 1)]  # paired by seed
+    assert "model/ffn=gelu_mlp,shape=s," in configs[1]["logger"]["job_type"]
+    assert configs[1]["logger"]["group"] == "mlp_ladder" and configs[1]["name"].endswith("/seed=1")
+    assert summaries[0]["train_flops"] == summaries[0]["flops_per_token"] * summaries[0]["tokens_seen"]
+    flops = sorted(s["train_flops"] for s in summaries)
+    assert flops[-1] > 10 * flops[0]  # three sizes, compute growing with the square of the parameters
+
+    assert main(["compare", str(sweep), "--out", str(tmp_path / "r"), "--target-compute", f"{flops[-1] * 10:g}",
+                 "--x", "flops", "--resamples", "100"]) == 0
+    study, = json.loads((tmp_path / "r" / "report.json").read_text())["studies"]
+    assert study["name"] == "mlp_ladder" and study["baseline"] == "ffn=gelu_mlp" and study["sizes"] == ["s", "m", "l"]
+    rows = {r["variant"]: r for r in study["variants"] if r["metric"] == "val_loss"}
+    assert rows["ffn=swiglu"]["n"] == 2 and rows["ffn=swiglu"]["test"] == "paired t" and rows["ffn=swiglu"]["size"] == "l"
+    top = [s["val_loss"] for s, c in zip(summaries, configs) if c["ladder"]["size"] == "l"
+           and c["model"]["ffn"]["name"] == "gelu_mlp"]
+    assert rows["ffn=gelu_mlp"]["mean"] == pytest.approx(sum(top) / 2)
+    fits = {r["variant"]: r for r in study["ladder"]}
+    for fit in fits.values():
+        assert fit["sizes"] == 3 and fit["points"] == 6 and fit["alpha"] > 0 and fit["predicted"] > 0
+    for png in ("val_loss.png", "train_loss.png", "final.png", "ladder.png"):
+        with Image.open(tmp_path / "r" / png) as image:
+            image.verify()
+            assert image.format == "PNG"
