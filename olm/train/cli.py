@@ -138,7 +138,12 @@ def prepare(argv: list[str]) -> list[str]:
         return [*flags, *overrides]
     params = base.hydra.sweeper.get("params") or {}
     jobs, total = sweep_jobs(overrides, dict(params), int(base.seeds), int(base.seed))
+    checked = set()
     for job in jobs:
+        variant = tuple(o for o in job if not o.startswith("seed="))
+        if base.seeds > 1 and variant in checked:
+            continue  # the seeds of a variant (seed, ..., seed+N-1, all valid) compose the same config
+        checked.add(variant)
         check_run(compose(job, multirun=True, return_hydra_config=True, **where))
     if total > len(jobs):
         log.info("checked the first %d of the sweep's %d jobs before starting it", len(jobs), total)

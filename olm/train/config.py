@@ -413,23 +413,33 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+_REGISTERED: list = []  # the registry's entries when the schemas were last stored
+
+
 def register_configs() -> None:
-    """The run schema (``schema_train``) and the registry's model and component schemas in Hydra's ConfigStore,
-    and olm's resolvers (idempotent). Hydra's plain compose API gets them through olm's SearchPathPlugin."""
+    """The run schema (``schema_train``), olm's grid sweeper and the registry's model and component schemas in
+    Hydra's ConfigStore, and olm's resolvers. Idempotent, and cheap when nothing changed: the schemas are stored
+    again only when a component was registered since (a team's block imported) or the store was emptied. Hydra's
+    plain compose API gets them through olm's SearchPathPlugin."""
     from hydra.core.config_store import ConfigStore
 
+    from olm import registry
     from olm.train.schema import register_model_configs
 
     register_resolvers()
+    store = ConfigStore.instance()
+    entries = [(e.kind, e.name, id(e.cls)) for e in registry.entries()]
+    if _REGISTERED == entries and "schema_train.yaml" in store.repo:
+        return
     root = OmegaConf.structured(TrainConfig)
     OmegaConf.set_struct(root, False)  # experiments' own variables; the command line is strict all the same
-    store = ConfigStore.instance()
     store.store(name="schema_train", node=root)
-    # olm's grid sweeper (seeds=N), the default of conf/train.yaml: Hydra's basic sweeper plus the seeds axis.
+    # olm's grid sweeper (seeds=N), the default of conf/hydra/default.yaml: Hydra's basic sweeper plus seeds.
     store.store(group="hydra/sweeper", name="olm", provider="olm",
                 node={"_target_": "hydra_plugins.olm_plugins.sweeper.OlmSweeper", "max_batch_size": None,
                       "params": None})
     register_model_configs()
+    _REGISTERED[:] = entries
 
 
 # -- checking ---------------------------------------------------------------------------------------------------------
