@@ -19,7 +19,7 @@ from olm.errors import ConfigError, did_you_mean
 
 # Override keys that do not change what a run learns (or are its seed or its ladder rung): never a variant's name.
 NOT_VARIANTS = ("paths.", "logger", "trainer.enable_progress_bar", "sample.", "export", "resume", "ckpt_path",
-                "compare.", "hydra.", "name")
+                "compare.", "hydra.", "name", "sweep.")
 SEED_KEYS = ("seed", "seeds")
 # Config keys that decide which tokens a run sees, in which order, and for how long.
 DATA_KEYS = ("data.source", "data.path", "data.pattern", "data.seq_len", "data.batch_size", "data.val_fraction",

@@ -204,3 +204,33 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     def _previous_kept(self, filepath: str) -> bool:
         last = self.last_model_path
         return bool(last) and os.path.isfile(last)
+
+
+class OptunaPruning(L.Callback):
+    """Reports the val loss of every validation to this job's Optuna trial (``sweep.trial`` in ``sweep.study`` at
+    ``sweep.storage``, set by olm's Optuna sweeper) and stops training when the study's pruner says so: the run then
+    ends ``pruned`` (summary.json, exit 0) at the step it reached."""
+
+    def __init__(self, storage: str, study: str, trial: int):
+        self.storage, self.study, self.trial_number = storage, study, trial
+        self.trial = None
+        self.pruned_at: int | None = None
+
+    def on_fit_start(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        from olm.train.sweeps import load_trial
+
+        self.trial = load_trial(self.storage, self.study, self.trial_number)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.state.fn != "fit" or "val/loss" not in trainer.callback_metrics:
+            return
+        prune = False
+        if trainer.is_global_zero and self.trial is not None:
+            self.trial.report(float(trainer.callback_metrics["val/loss"]), step=trainer.global_step)
+            prune = self.trial.should_prune()
+        prune = trainer.strategy.broadcast(prune, src=0)  # every rank stops at the same step
+        if prune:
+            self.pruned_at = trainer.global_step
+            trainer.should_stop = True

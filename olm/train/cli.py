@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from olm.errors import ConfigError
-from olm.train.outcome import one_line_error, report_error, write_failed_summary
+from olm.train.outcome import SIGTERM_EXIT, one_line_error, report_error, write_failed_summary
 
 log = logging.getLogger("olm")
 # Flags that make Hydra print something and exit, untouched by olm.
@@ -29,7 +29,9 @@ def run_job(cfg: DictConfig) -> float | None:
     """``train(cfg)`` as the command line runs it: input mistakes and run faults end as one ``error: ...`` line on
     stderr and a non-zero exit, with ``summary.json`` saying ``failed``; bugs keep their traceback."""
     from olm.train.run import train
+    from olm.train.sweeps import JobFailed, pin_to_slot
 
+    pin_to_slot()  # a worker of olm's parallel launcher: its GPU (or CPU share) before anything touches CUDA
     run_dir = Path(str(cfg.paths.output_dir)) if _output_dir_known(cfg) else None
     try:
         return train(cfg)
@@ -41,7 +43,20 @@ def run_job(cfg: DictConfig) -> float | None:
             raise
         code, message = reported
         report_error(message)
+        if _in_sweep() and code != SIGTERM_EXIT:
+            raise JobFailed(code, message) from None  # the sweeper records it and goes on with the other jobs
         sys.exit(code)
+
+
+def _in_sweep() -> bool:
+    """Whether this job runs under one of olm's sweepers (which go on past a failed job)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False
+    hc = HydraConfig.get()
+    return hc.mode == RunMode.MULTIRUN and str(hc.sweeper.get("_target_", "")).startswith("hydra_plugins.olm_plugins")
 
 
 def _output_dir_known(cfg: DictConfig) -> bool:
@@ -132,6 +147,10 @@ def prepare(argv: list[str]) -> list[str]:
     if not sweeper.endswith(("BasicSweeper", "OlmSweeper")):
         check_run(base)
         _check_search_space(base)
+        if sweeper.endswith("OptunaSweeper"):
+            from olm.train.sweeps import check_optuna
+
+            check_optuna(base.hydra.sweeper)
         if base.seeds > 1:
             raise ConfigError(f"seeds={base.seeds} is for grid sweeps (hydra/sweeper=olm); {sweeper.rsplit('.', 1)[-1]} "
                               "runs one seed per trial: drop seeds, or give seed=N")

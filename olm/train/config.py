@@ -281,6 +281,16 @@ class CompareConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Set by olm's Optuna sweeper for each trial's job (never by hand): where the job reports its val loss for
+    pruning."""
+
+    study: Optional[str] = None
+    storage: Optional[str] = None
+    trial: Optional[int] = None
+
+
+@dataclass
 class LadderConfig:
     """A scaling ladder: an experiment run at several sizes (its ``shape`` sweep), each trained on
     ``tokens_per_parameter`` tokens per parameter; ``olm compare`` fits loss against compute for each variant."""
@@ -307,6 +317,7 @@ class TrainConfig(SpeedConfig):
     seeds: int = setting(1, check=positive_int, allowed="a positive integer (the number of seeds per variant, -m)")
     compare: CompareConfig = field(default_factory=CompareConfig)
     ladder: LadderConfig = field(default_factory=LadderConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # The run's name in W&B and in reports: the experiment (or model) and the job's overrides.
     name: str = "${olm.run_name:}"
     # Resume: null (fresh) or auto (the run dir's last checkpoint); ckpt_path: a checkpoint file.
@@ -438,6 +449,12 @@ def register_configs() -> None:
     store.store(group="hydra/sweeper", name="olm", provider="olm",
                 node={"_target_": "hydra_plugins.olm_plugins.sweeper.OlmSweeper", "max_batch_size": None,
                       "params": None})
+    # olm's Optuna sweeper (hparams_search=optuna); hydra_plugins/olm_plugins/optuna_sweeper.py documents each key.
+    store.store(group="hydra/sweeper", name="optuna", provider="olm", node={
+        "_target_": "hydra_plugins.olm_plugins.optuna_sweeper.OptunaSweeper", "sampler": "tpe", "seed": None,
+        "sampler_options": None, "pruner": "none", "pruner_options": None, "direction": "minimize",
+        "objectives": ["val_loss"], "study_name": "olm", "storage": None, "n_trials": 20, "n_jobs": 1,
+        "params": {}})
     register_model_configs()
     _REGISTERED[:] = entries
 

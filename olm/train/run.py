@@ -31,6 +31,7 @@ from olm.errors import ConfigError, first_line
 from olm.train.checks import check_run
 from olm.train.config import (CallbacksConfig, DataConfig, LoggerConfig, OptimConfig, SampleConfig, SchedulerConfig,
                               TrainerConfig, speed_config, typed)
+from olm.train.sweeps import pruning_callback
 from olm.train.outcome import final_lines, read_summary, summarize, write_failed_summary, write_json
 
 log = logging.getLogger("olm")
@@ -274,6 +275,9 @@ def train(cfg: DictConfig) -> float | None:
         save_last=callbacks_cfg.checkpoint.save_last,
     )
     callbacks = [throughput, checkpoint, *progress_bars(trainer_cfg.enable_progress_bar)]
+    pruning = pruning_callback(cfg)
+    if pruning is not None:
+        callbacks.append(pruning)
     if trainer_cfg.enable_model_summary:
         callbacks.append(QuietModelSummary())
     trainer, failed = None, True
@@ -299,13 +303,21 @@ def train(cfg: DictConfig) -> float | None:
         # weights_only: a checkpoint is tensors and plain containers; never unpickle arbitrary objects from a file.
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         module.check_finite()  # steps after the last log step: never export or report diverged weights
-        if trainer.global_step % validation_steps(trainer_cfg) or "val/loss" not in trainer.callback_metrics:
+        pruned = pruning is not None and pruning.pruned_at is not None
+        if not pruned and (trainer.global_step % validation_steps(trainer_cfg)
+                           or "val/loss" not in trainer.callback_metrics):
             trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if getattr(module, "last_train_loss", None) is not None:  # a validate() after fit drops the train metrics
             metrics["train/loss"] = module.last_train_loss
         summary = None
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and pruned:  # stopped by the sweep's pruner: a record, no export or sample
+            summary = {**summarize(run_dir, metrics, datamodule=datamodule, trainer=trainer, throughput=throughput,
+                                   checkpoint=checkpoint, num_params=num_params, started=started),
+                       "status": "pruned", "pruned_at_step": pruning.pruned_at}
+            write_json(run_dir / "summary.json", summary)
+            log.info("pruned by the sweep at step %d (val loss %.4f)", pruning.pruned_at, metrics.get("val/loss"))
+        elif trainer.is_global_zero:
             summary = finish(cfg, run_dir, module, datamodule, sample, metrics, continuing=continuing,
                              trainer=trainer, throughput=throughput, checkpoint=checkpoint, num_params=num_params,
                              started=started)
