@@ -19,6 +19,8 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev,hf]"
+	@# hydra-optuna-sweeper pins optuna < 3; olm has its own Optuna sweeper, and an older .venv may still hold it.
+	$(BIN)/python -m pip uninstall -q -y hydra-optuna-sweeper 2>/dev/null || true
 	touch $@
 
 install: $(STAMP)

@@ -124,18 +124,84 @@ def olm_train(args: list[str], sweep_dir: Path, cache_dir: Path) -> str:
     return proc.stdout + proc.stderr
 
 
+def run_until(args: list[str], sweep_dir: Path, cache_dir: Path, stop_after: Path) -> None:
+    """Start olm-train -m and SIGKILL it (its whole process group) once ``stop_after`` exists: a killed sweep."""
+    import signal
+    import time
+
+    cmd = [str(OLM_TRAIN), "-m", *args, f"hydra.sweep.dir={sweep_dir}", f"paths.cache_dir={cache_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=sweep_dir.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not stop_after.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+OPTUNA_PLANTED = ["hydra/sweeper=optuna", "+experiment=smoke", "logger=none", "hydra.sweeper.n_trials=6",
+                  "optim.lr=choice(1e-6,3e-3)", "optim.weight_decay=interval(0.0,0.2)", "hydra.sweeper.sampler=random",
+                  "hydra.sweeper.seed=0", "hydra.sweeper.pruner=median",
+                  "hydra.sweeper.pruner_options={n_startup_trials:2,n_warmup_steps:0}", "trainer.max_steps=20",
+                  "trainer.val_check_interval=5"]
+
+
 @pytest.mark.slow
-def test_optuna_search_gets_the_val_loss_back(tmp_path, cache_dir):
+def test_optuna_study_is_killed_resumed_and_prunes_the_bad_region(tmp_path, cache_dir):
+    import optuna
+
+    assert int(optuna.__version__.split(".")[0]) >= 4
     sweep = tmp_path / "optuna"
-    out = olm_train(["hparams_search=optuna", "+experiment=smoke", "hydra.sweeper.n_trials=2", *FAST], sweep, cache_dir)
-    assert "Sampler: TPESampler" in out and "Study name: lm_hparams" in out
-    losses = [json.loads((sweep / str(i) / "summary.json").read_text())["val_loss"] for i in (0, 1)]
+    run_until(OPTUNA_PLANTED, sweep, cache_dir, stop_after=sweep / "2" / "summary.json")  # killed in trial 3 or so
+    out = olm_train(OPTUNA_PLANTED, sweep, cache_dir)  # the same command: the study continues
+    study = optuna.load_study(study_name="olm", storage=f"sqlite:///{sweep / 'study.db'}")
+    trials = study.get_trials(deepcopy=False)
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4, 5]  # six trials, none run twice
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # distinct proposals
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert pruned and all(t.params["optim.lr"] == 1e-6 for t in pruned)  # the planted bad region
+    for t in pruned:
+        summary = json.loads((sweep / str(t.number) / "summary.json").read_text())
+        assert summary["status"] == "pruned" and summary["steps"] < 20
+    for t in trials:
+        if t.state.name == "COMPLETE":
+            assert t.value == json.loads((sweep / str(t.number) / "summary.json").read_text())["val_loss"]
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert result["best_value"] == pytest.approx(min(losses))  # the metric olm-train returned
-    assert set(result["best_params"]) == {"optim.lr", "scheduler.min_lr_ratio", "optim.weight_decay", "model.ff_multiplier"}
-    trials = [yaml.safe_load((sweep / str(i) / ".hydra" / "overrides.yaml").read_text()) for i in (0, 1)]
-    lrs = [next(o for o in trial if o.startswith("optim.lr=")) for trial in trials]
-    assert lrs[0] != lrs[1]  # the sampler proposed two trials
+    assert result["best_value"] == pytest.approx(study.best_value) and result["best_params"]["optim.lr"] == 3e-3
+    assert "Optuna 5" in out or "Optuna 4" in out
+
+
+@pytest.mark.slow
+def test_a_killed_grid_resumes_and_the_parallel_launcher_overlaps_jobs(tmp_path, cache_dir):
+    args = ["+experiment=smoke", "logger=none", "optim.lr=1e-3,2e-3,3e-3,4e-3", "trainer.max_steps=40",
+            "trainer.val_check_interval=20"]
+    sweep = tmp_path / "grid"
+    run_until(args, sweep, cache_dir, stop_after=sweep / "0" / "summary.json")
+    files = lambda job: {p.relative_to(job): (p.stat().st_mtime_ns, p.read_bytes())  # noqa: E731
+                         for p in job.rglob("*") if p.is_file()}
+    first = files(sweep / "0")
+    out = olm_train([*args, "hydra/launcher=parallel", "hydra.launcher.jobs=2"], sweep, cache_dir)
+    assert "jobs 0 finished, skipped" in out
+    assert files(sweep / "0") == first  # the finished job's files are untouched
+    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in range(4)]
+    assert [s["status"] for s in summaries] == ["finished"] * 4 and all(s["steps"] == 40 for s in summaries)
+    assert len(load_runs([sweep])) == 4  # olm compare sees every job once
+    # jobs 1 to 3 ran two at a time: some two of their windows (run start to summary) overlap
+    windows = [((sweep / str(i) / "config.yaml").stat().st_mtime, (sweep / str(i) / "summary.json").stat().st_mtime)
+               for i in (1, 2, 3)]
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(windows) for b in windows[i + 1:]), windows
+    # a job run side by side learns what it learns alone (same seed, same data order, one thread): the same loss
+    alone = tmp_path / "alone"
+    proc = subprocess.run([str(OLM_TRAIN), *args[:2], "optim.lr=3e-3", *args[3:], f"hydra.run.dir={alone}",
+                           f"paths.cache_dir={cache_dir}"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summaries[2]["val_loss"] == pytest.approx(json.loads((alone / "summary.json").read_text())["val_loss"],
+                                                     rel=1e-5)
 
 
 @pytest.mark.slow

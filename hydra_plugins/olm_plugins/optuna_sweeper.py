@@ -65,10 +65,12 @@ class OptunaSweeper(Sweeper):
                  setup.url, type(study.sampler).__name__, type(study.pruner).__name__, self.n_trials)
         failed = []
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            log.info("trial %d was left running by a stopped sweep: running it again", trial.number)
+            log.info("trial %d was left running by a stopped sweep: taking it up again", trial.number)
             job = [*setup.fixed, *setup.trial_overrides(trial.params, trial.number)]
             plan = sweeps.plan_job(trial.number, job, sweep_dir / str(trial.number))
-            ret, = self.launcher.launch([plan.overrides], initial_job_idx=trial.number)
+            ret = None  # its job ended before the sweep could tell the study: its summary says how
+            if plan.state not in sweeps.DONE:
+                ret, = self.launcher.launch([plan.overrides], initial_job_idx=trial.number)
             failed += setup.tell(trial.number, ret, sweep_dir / str(trial.number))
         while True:
             done = len(study.get_trials(deepcopy=False, states=sweeps.FINISHED_TRIALS))

@@ -146,7 +146,7 @@ def prepare(argv: list[str]) -> list[str]:
     sweeper = str(base.hydra.sweeper.get("_target_", ""))
     if not sweeper.endswith(("BasicSweeper", "OlmSweeper")):
         check_run(base)
-        _check_search_space(base)
+        _check_search_space(base, [o.get_key_element() for o in parsed if o.is_sweep_override()])
         if sweeper.endswith("OptunaSweeper"):
             from olm.train.sweeps import check_optuna
 
@@ -169,16 +169,17 @@ def prepare(argv: list[str]) -> list[str]:
     return [*flags, *overrides]
 
 
-def _check_search_space(cfg: DictConfig) -> None:
-    """A search space (Optuna's ``hydra.sweeper.params``) names keys the config has."""
+def _check_search_space(cfg: DictConfig, command_line: list[str] = ()) -> None:
+    """A search space (Optuna's ``hydra.sweeper.params``, and sweeps given on the command line) names keys the
+    config has."""
     from omegaconf import OmegaConf
 
-    for key in (cfg.hydra.sweeper.get("params") or {}):
-        key = str(key)
+    for key in [*map(str, cfg.hydra.sweeper.get("params") or {}), *command_line]:
         if "/" in key or key.startswith("+"):
             continue  # a config group, checked by the sweeper's first compose
         if OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
-            raise ConfigError(f"hydra.sweeper.params.{key}: {key} is not a config key")
+            raise ConfigError(f"hydra.sweeper.params.{key}: {key} is not a config key"
+                              + (" (a sweep of the command line)" if key in command_line else ""))
 
 
 def wrap(line: str) -> list[str]:

@@ -455,6 +455,12 @@ def register_configs() -> None:
         "sampler_options": None, "pruner": "none", "pruner_options": None, "direction": "minimize",
         "objectives": ["val_loss"], "study_name": "olm", "storage": None, "n_trials": 20, "n_jobs": 1,
         "params": {}})
+    # olm's parallel launcher (hydra/launcher=parallel), on Hydra's joblib launcher: hydra_plugins/olm_plugins/launcher.py.
+    store.store(group="hydra/launcher", name="parallel", provider="olm", node={
+        "_target_": "hydra_plugins.olm_plugins.launcher.ParallelLauncher", "jobs_per_gpu": 1, "gpus": None,
+        "gpus_per_job": None, "jobs": None, "backend": None, "prefer": "processes", "require": None, "verbose": 0,
+        "timeout": None, "pre_dispatch": "2*n_jobs", "batch_size": 1, "temp_folder": None, "max_nbytes": None,
+        "mmap_mode": "r"})
     register_model_configs()
     _REGISTERED[:] = entries
 

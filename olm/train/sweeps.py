@@ -128,7 +128,7 @@ def end_of_sweep(failed: list[tuple[int, str]], total: int) -> None:
 
 # -- Optuna -----------------------------------------------------------------------------------------------------------
 def search_space(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """hydra-optuna-sweeper's syntax as Optuna distributions: ``interval(a, b)`` (float, or int when both are
+    """hydra-optuna-sweeper's syntax as Optuna distributions: ``interval(a, b)`` (floats; ``tag(int, ...)``:
     integers), ``tag(log, interval(...))``, ``choice(...)`` and ``range(start, stop[, step])``; a plain value is
     fixed for every trial. Returns ({key: distribution}, fixed overrides)."""
     import optuna.distributions as d
@@ -148,7 +148,7 @@ def search_space(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             low, high = sweep.start, sweep.end
             if low >= high:
                 raise ConfigError(f"hydra.sweeper.params.{key}={value}: the interval is empty (start >= end)")
-            if isinstance(low, int) and isinstance(high, int) and not isinstance(low, bool):
+            if "int" in getattr(sweep, "tags", set()):  # tag(int, interval(1, 8)): integers (Hydra reads floats)
                 space[key] = d.IntDistribution(int(low), int(high), log=log)
             else:
                 space[key] = d.FloatDistribution(float(low), float(high), log=log)
@@ -299,7 +299,7 @@ class OptunaSetup:
         from olm.train.outcome import read_summary
 
         state = optuna.trial.TrialState
-        message = failure(ret)
+        message = failure(ret) if ret is not None else None
         summary = read_summary(job_dir)
         if message is None and summary.get("status") == "pruned":
             self.study.tell(number, state=state.PRUNED)
@@ -397,6 +397,31 @@ def optuna_setup(sweeper, arguments: list[str], sweep_dir: Path) -> OptunaSetup:
                                     pruner=pruner, directions=directions, load_if_exists=True)
     except ValueError as exc:  # e.g. the stored study has other directions
         raise ConfigError(f"hydra.sweeper.study_name={sweeper.study_name!r} in {url}: {exc}") from None
+    if study.trials and sweeper.seed is not None:
+        # A continued study: a sampler seeded as at the start would propose the first trials' values again.
+        study.sampler = make_sampler(sweeper.sampler, sweeper.seed + len(study.trials), sweeper.sampler_options, space)
     # The trials' jobs load the study and ask its pruner: they build the same one from here.
     study.set_user_attr(PRUNER_ATTR, {"name": sweeper.pruner, "options": dict(sweeper.pruner_options or {})})
     return OptunaSetup(study, url, space, [*fixed_args, *fixed], list(sweeper.objectives), sweeper)
+
+
+def job_slots(jobs_per_gpu: int, gpus: list[int] | None, gpus_per_job: int | None, jobs: int | None,
+              devices: Any, accelerator: str) -> list[list[int] | None]:
+    """The slots of olm's parallel launcher: each a list of GPU indices (one job's CUDA_VISIBLE_DEVICES), or None
+    for a CPU job (hydra_plugins/olm_plugins/launcher.py)."""
+    for key, value in (("jobs_per_gpu", jobs_per_gpu), ("gpus_per_job", gpus_per_job), ("jobs", jobs)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"hydra.launcher.{key}={value!r} must be a positive integer")
+    if gpus is None and accelerator != "cpu":
+        import torch
+
+        gpus = list(range(torch.cuda.device_count()))
+    if accelerator == "cpu" or not gpus:
+        return [None] * (jobs or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    per_job = gpus_per_job or (devices if isinstance(devices, int) and devices > 0 else 1)
+    if per_job > len(gpus):
+        raise ConfigError(f"hydra.launcher.gpus_per_job={per_job} (trainer.devices) is more than the "
+                          f"{len(gpus)} GPUs of hydra.launcher.gpus={gpus}")
+    groups = [gpus[i:i + per_job] for i in range(0, len(gpus) - per_job + 1, per_job)]
+    slots = [group for group in groups for _ in range(jobs_per_gpu)]
+    return slots[:jobs] if jobs else slots

@@ -1,4 +1,5 @@
-"""Seeds as an axis of a grid sweep (seeds=N), the refusals around it, and the FLOPs a run logs for comparisons."""
+"""Sweep settings checked before anything runs: seeds as an axis of a grid sweep (seeds=N), the Optuna sweeper's
+sampler, pruner, trials, storage and search space, the parallel launcher's slots; and the FLOPs a run logs."""
 
 import pytest
 import torch
@@ -58,3 +59,49 @@ def test_flops_count_what_a_token_really_uses():
     # a 32-key window: attention over 32 keys, not the 128 of the sequence
     assert flops_per_token(local, 128) == 6 * local.num_parameters() + attention * 32
     assert flops_per_token(local, 16) == 6 * local.num_parameters() + attention * 16
+
+
+OPTUNA = ["-m", "hparams_search=optuna", *SMOKE]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("hydra.sweeper.sampler=tpee", "hydra.sweeper.sampler='tpee' is not known; did you mean 'tpe'? known: tpe, random, grid, cmaes"),
+    ("hydra.sweeper.pruner=medain", "hydra.sweeper.pruner='medain' is not known; did you mean 'median'?"),
+    ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials=0 must be a positive integer"),
+    ("hydra.sweeper.storage=postgresql://nobody@127.0.0.1:1/none", "hydra.sweeper.storage='postgresql://nobody@127.0.0.1:1/none' cannot be opened"),
+    ("optim.lrr=interval(0.1,0.2)", "hydra.sweeper.params.optim.lrr: optim.lrr is not a config key"),
+    ("hydra.sweeper.direction=up", "hydra.sweeper.direction=['up'] must be minimize or maximize"),
+    ("hydra.sweeper.sampler=grid", "hydra.sweeper.params.optim.lr: the grid sampler takes choice() or range()"),
+])
+def test_optuna_settings_are_one_line_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        prepare([*OPTUNA, override])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+
+
+def test_the_search_space_syntax_becomes_optuna_distributions():
+    import optuna.distributions as d
+
+    from olm.train.sweeps import search_space
+
+    space, fixed = search_space({"optim.lr": "tag(log, interval(1e-4, 1e-2))", "model.num_layers": "tag(int, interval(1, 4))",
+                                 "model/norm": "choice(layernorm, rmsnorm)", "data.batch_size": "range(4, 17, 4)",
+                                 "optim.weight_decay": "0.1"})
+    assert space["optim.lr"] == d.FloatDistribution(1e-4, 1e-2, log=True)
+    assert space["model.num_layers"] == d.IntDistribution(1, 4)
+    assert space["model/norm"] == d.CategoricalDistribution(["layernorm", "rmsnorm"])
+    assert space["data.batch_size"] == d.CategoricalDistribution([4, 8, 12, 16])
+    assert fixed == ["optim.weight_decay=0.1"]
+
+
+def test_parallel_launcher_slots_share_gpus_and_cores():
+    from olm.train.sweeps import job_slots
+
+    assert job_slots(2, [0, 1, 2, 3], None, None, 1, "gpu") == [[0], [0], [1], [1], [2], [2], [3], [3]]
+    assert job_slots(1, list(range(8)), None, None, 2, "gpu") == [[0, 1], [2, 3], [4, 5], [6, 7]]  # DDP jobs
+    assert job_slots(4, [0], None, 3, 1, "gpu") == [[0], [0], [0]]
+    assert job_slots(1, None, None, 2, "auto", "cpu") == [None, None]
+    with pytest.raises(ConfigError, match=r"hydra.launcher.gpus_per_job=4 \(trainer.devices\) is more than the 2"):
+        job_slots(1, [0, 1], None, None, 4, "gpu")
+    with pytest.raises(ConfigError, match="hydra.launcher.jobs_per_gpu=0 must be a positive integer"):
+        job_slots(0, [0], None, None, 1, "gpu")
