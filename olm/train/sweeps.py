@@ -22,8 +22,8 @@ from olm.errors import ConfigError, OlmError, did_you_mean
 DONE = ("finished", "pruned")
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
-# Overrides that say how a job runs, not what it is: a resumed job may add or change them.
-HOW_A_JOB_RUNS = ("resume", "hydra.output_subdir", "sweep.")
+# Overrides that say how a job runs or where it reports, not what it trains: a resumed job may add or change them.
+HOW_A_JOB_RUNS = ("resume", "hydra.output_subdir", "sweep.", "logger", "trainer.enable_progress_bar", "paths.")
 
 
 class JobFailed(OlmError):
