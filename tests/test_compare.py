@@ -167,14 +167,15 @@ def test_one_seed_says_no_interval_and_best_needs_a_distinguishable_win(tmp_path
 
 
 def test_crashed_and_unfinished_runs_are_listed_not_counted(planted, tmp_path):
-    make_run(planted / "12", ["model.ff_multiplier=4"], None, seed=4, curve=[9.0], status=None)  # killed
-    make_run(planted / "13", ["model.ff_multiplier=4"], None, seed=5, status="failed", error="loss is nan")
+    same = {"compare": {"experiment": "ffn", "baseline": "model.ff_multiplier=2"}}
+    make_run(planted / "12", ["model.ff_multiplier=4"], None, seed=4, curve=[9.0], status=None, config=same)  # killed
+    make_run(planted / "13", ["model.ff_multiplier=4"], None, seed=5, status="failed", error="loss is nan", config=same)
     write_report([planted], tmp_path / "r")
     assert variants(tmp_path / "r")["ff_multiplier=4"]["n"] == 4
     text = (tmp_path / "r" / "report.md").read_text()
     assert "Left out of the statistics (not finished):" in text
     assert "- `12`: unfinished" in text and "- `13`: failed (loss is nan)" in text
-    assert "9.0000 (last logged)" in text
+    assert "val loss 9.0000 (last logged)" in text
     with open(tmp_path / "r" / "runs.csv") as f:
         statuses = {r["run"]: r["status"] for r in csv.DictReader(f)}
     assert statuses["12"] == "unfinished" and statuses["13"] == "failed" and statuses["0"] == "finished"
@@ -334,3 +335,37 @@ def test_many_unrelated_runs_give_a_grouped_capped_report(tmp_path):
         width, height = image.size
     assert width <= 1200 and height <= 700  # a readable figure, not a strip of panels
     assert "![val loss against tokens seen](study1/val_loss.png)" in report["text"]
+
+
+def test_a_sweep_run_twice_counts_each_seed_once(planted, tmp_path):
+    import shutil
+
+    write_report([planted], tmp_path / "once")
+    shutil.copytree(planted, tmp_path / "again" / "sweep")  # the same experiment in a second sweep dir
+    write_report([planted, tmp_path / "again"], tmp_path / "twice")
+    once, twice = variants(tmp_path / "once"), variants(tmp_path / "twice")
+    for name in once:
+        assert twice[name]["n"] == once[name]["n"] == 4
+        assert twice[name]["p"] == once[name]["p"] and twice[name]["test"] == once[name]["test"]
+
+
+def test_unfinished_seeds_are_named_in_the_verdict_and_nothing_is_marked_best(planted, tmp_path):
+    make_run(planted / "12", ["model.ff_multiplier=4"], None, seed=4, status="failed", error="loss is nan",
+             config={"compare": {"experiment": "ffn", "baseline": "model.ff_multiplier=2"}})
+    write_report([planted], tmp_path / "r")
+    row = variants(tmp_path / "r")["ff_multiplier=4"]
+    assert row["verdict"] == "better; 1 of 5 runs did not finish (failed)" and not row["best"]
+    assert "No variant is marked best: runs of ff_multiplier=4 did not finish" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_ladder_sizes_named_like_values_and_a_baseline_per_study(tmp_path):
+    for i, size in enumerate(("1", "2", "4")):
+        for ff in ("2", "4"):
+            make_run(tmp_path / "lad" / f"{size}_{ff}", [f"shape={size}", f"model.ff_multiplier={ff}"], 3.0 - i / 10,
+                     flops=1e12 * 8 ** i, config={"compare": {"experiment": "lad"}, "ladder": {"size": size}})
+    make_run(tmp_path / "other" / "0", ["optim.lr=1e-3"], 3.0, config={"compare": {"experiment": "other"}})
+    report = write_report([tmp_path], tmp_path / "r", Options(baseline="model.ff_multiplier=4"))
+    lad, other = report["studies"]
+    assert [v.label for v in lad.variants] == ["ff_multiplier=2", "ff_multiplier=4"]  # the size "2" is no variant
+    assert lad.baseline.label == "ff_multiplier=4" and lad.rungs == ["1", "2", "4"]
+    assert "--baseline=model.ff_multiplier=4 matches no variant here" in " ".join(other.notes)

@@ -97,7 +97,8 @@ def test_the_search_space_syntax_becomes_optuna_distributions():
 def test_parallel_launcher_slots_share_gpus_and_cores():
     from olm.train.sweeps import job_slots
 
-    assert job_slots(2, [0, 1, 2, 3], None, None, 1, "gpu") == [[0], [0], [1], [1], [2], [2], [3], [3]]
+    assert job_slots(2, [0, 1, 2, 3], None, None, 1, "gpu") == [[0], [1], [2], [3], [0], [1], [2], [3]]
+    assert job_slots(2, [0, 1, 2, 3], None, 2, 1, "gpu") == [[0], [1]]  # jobs=2: two GPUs, not one twice
     assert job_slots(1, list(range(8)), None, None, 2, "gpu") == [[0, 1], [2, 3], [4, 5], [6, 7]]  # DDP jobs
     assert job_slots(4, [0], None, 3, 1, "gpu") == [[0], [0], [0]]
     assert job_slots(1, None, None, 2, "auto", "cpu") == [None, None]

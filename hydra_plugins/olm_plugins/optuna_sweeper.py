@@ -49,6 +49,12 @@ class OptunaSweeper(Sweeper):
                                                                 task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> None:
+        from olm.train.sweeps import one_line
+
+        with one_line():
+            self._sweep(arguments)
+
+    def _sweep(self, arguments: List[str]) -> None:
         import optuna
 
         from olm.train import sweeps

@@ -50,6 +50,8 @@ def _x(point, x: str):
 def curve_band(variant: Variant, curve: str, x: str, rung: str | None):
     """(xs, mean, std or None) over the variant's runs that logged ``curve``, at the steps all of them logged."""
     runs = [r for r in variant.runs if curve in r.curves and (rung is None or _rung(r) == rung)]
+    if any(r.finished for r in runs):  # a killed run would cut the band short at its last step
+        runs = [r for r in runs if r.finished]
     if not runs:
         return None
     by_run = [{p.step: p for p in r.curves[curve] if _x(p, x) is not None} for r in runs]

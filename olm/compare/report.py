@@ -108,8 +108,9 @@ def ladder_table(study: Study) -> Table:
             else:
                 gap, gi = entry.gap
                 cells.append(f"{gap:+.4f}" + (f" [{gi[0]:+.4f}, {gi[1]:+.4f}]" if gi else ""))
-        if entry.variant is study.baseline:
-            cells.append("")
+        base_fitted = any(e.fit is not None and e.variant is study.baseline for e in study.ladder)
+        if entry.variant is study.baseline or not base_fitted:
+            cells.append("" if entry.variant is study.baseline else "— (no baseline fit)")
         else:
             cells.append(f"{entry.crossover:.3g} FLOPs" if entry.crossover else "none in range")
         rows.append(cells)
@@ -143,7 +144,7 @@ def runs_table(study: Study) -> Table:
         for run in variant.runs:
             value = run.metric(study.metric)
             shown = _fmt(value) if value is not None else (
-                f"{_fmt(run.last_logged())} (last logged)" if run.last_logged() is not None else "—")
+                f"val loss {_fmt(run.last_logged())} (last logged)" if run.last_logged() is not None else "—")
             status = run.status + (f": {run.error}" if run.error else "")
             tokens = run.summary.get("tokens_seen")
             tps = run.summary.get("tokens_per_sec")
@@ -194,12 +195,13 @@ def _verdict_line(study: Study) -> str:
 
 
 def _noise_line(study: Study) -> str:
+    alpha = study.alpha
     table = study.tables.get(study.metric)
     if table is None or table.noise is None:
         return "Noise floor: one seed per variant, so the seed-to-seed spread is unknown; run seeds=3 or more."
     line = (f"Noise floor: the seed-to-seed standard deviation of {study.metric} is {table.noise:.4f} (pooled over "
-            "variants). \"detectable Δ\" is the smallest true difference this many seeds find with power 0.8 at "
-            "alpha 0.05; \"seeds for Δ\" the seeds per variant that would find the observed difference.")
+            f"variants). \"detectable Δ\" is the smallest true difference this many seeds find with power 0.8 at "
+            f"alpha {alpha:g}; \"seeds for Δ\" the seeds per variant that would find the observed difference.")
     if table.detect is not None:
         delta, needed = table.detect
         line += (f" To detect a difference of {delta:g}: {needed} seeds per variant." if needed else
@@ -222,6 +224,8 @@ def write_report(paths: list[str | Path], out: str | Path, options: Options | No
         raise ConfigError(f"--alpha={options.alpha} must be between 0 and 1 (e.g. 0.05)")
     if options.detect is not None and not options.detect > 0:
         raise ConfigError(f"--detect={options.detect} must be a difference > 0, in the metric's units")
+    if options.resamples < 1:
+        raise ConfigError(f"--resamples={options.resamples} must be a positive number of bootstrap resamples")
     if options.target_compute is not None and not options.target_compute > 0:
         raise ConfigError(f"--target-compute={options.target_compute} must be a number of FLOPs > 0 (e.g. 1e18)")
     runs = load_runs(paths)

@@ -121,7 +121,7 @@ def _load_yaml(path: Path) -> Any:
     500 runs would take 40 s instead of 1."""
     try:
         text = path.read_text()
-    except OSError:
+    except (OSError, ValueError):  # missing, or not UTF-8
         return None
     try:
         return yaml.load(text, Loader=_LOADER)
@@ -154,7 +154,7 @@ def read_curves(path: Path, flops_per_token: float | None = None) -> dict[str, l
     try:
         with open(path, newline="") as f:
             rows = [{k: _parse_float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    except (OSError, csv.Error):
+    except (OSError, csv.Error, ValueError):
         return {}
     seen: dict[int, tuple[float | None, float | None]] = {}
     per_step = None

@@ -76,21 +76,24 @@ class Difference:
 
 def difference(variant: dict[int, list[float]], baseline: dict[int, list[float]], test: str = "auto",
                interval: str = "t", confidence: float = CONFIDENCE, seed: int = 0) -> Difference:
-    """The difference variant - baseline, from their values by seed ({seed: [values]}), with a test.
+    """The difference variant - baseline, from their values by seed ({seed: [value]}), with a test.
 
-    Paired when both ran exactly the same seeds, once each, at least two of them; else unpaired."""
+    Paired on the seeds both ran when they share two or more (the others are left out of the paired test), else
+    unpaired over all their values."""
     from scipy import stats
 
     a = [v for values in variant.values() for v in values]
     b = [v for values in baseline.values() for v in values]
     diff = float(np.mean(a) - np.mean(b))
-    once = all(len(v) == 1 for v in (*variant.values(), *baseline.values()))
-    paired = once and set(variant) == set(baseline) and len(variant) >= 2
+    shared = sorted(set(variant) & set(baseline))
+    once = all(len(variant[s]) == 1 and len(baseline[s]) == 1 for s in shared)
+    paired = once and len(shared) >= 2
     if paired:
-        seeds = sorted(variant)
+        seeds = shared
         x = np.array([variant[s][0] for s in seeds])
         y = np.array([baseline[s][0] for s in seeds])
         d = x - y
+        diff = float(d.mean())  # over the pairs: the difference the paired test and its interval are about
         sd = float(d.std(ddof=1))
         if sd == 0:
             return Difference("paired t", True, len(d), diff, diff, diff, None, 0.0,

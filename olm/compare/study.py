@@ -70,7 +70,8 @@ class Variant:
     def finished(self, rung: str | None = None) -> list[Run]:
         return [r for r in self.runs if r.finished and (rung is None or rung_of(r) == rung)]
 
-    def by_seed(self, metric: str, rung: str | None = None) -> dict[int, list[float]]:
+    def runs_by_seed(self, metric: str, rung: str | None = None) -> dict[int, list[float]]:
+        """{seed: the values of the finished runs with that seed} (a run without a seed is a seed of its own)."""
         values: dict[int, list[float]] = {}
         for i, run in enumerate(self.finished(rung)):
             value = run.metric(metric)
@@ -78,8 +79,16 @@ class Variant:
                 values.setdefault(run.seed if run.seed is not None else -1 - i, []).append(value)
         return values
 
+    def by_seed(self, metric: str, rung: str | None = None) -> dict[int, list[float]]:
+        """{seed: [its value]}: runs repeated with the same seed (a sweep run twice into two dirs) are one
+        observation, their mean; they are not independent samples."""
+        return {seed: [sum(vs) / len(vs)] for seed, vs in self.runs_by_seed(metric, rung).items()}
+
     def values(self, metric: str, rung: str | None = None) -> list[float]:
-        return [v for vs in self.by_seed(metric, rung).values() for v in vs]
+        return [vs[0] for vs in self.by_seed(metric, rung).values()]
+
+    def not_finished(self, rung: str | None = None) -> list[Run]:
+        return [r for r in self.runs if not r.finished and (rung is None or rung_of(r) == rung)]
 
     @property
     def leaks(self) -> bool:
@@ -134,6 +143,7 @@ class Study:
     tables: dict[str, MetricTable] = field(default_factory=dict)
     ladder: list[VariantLadder] = field(default_factory=list)
     target_compute: float | None = None
+    alpha: float = stats.ALPHA
 
     @property
     def excluded(self) -> list[Run]:
@@ -154,11 +164,21 @@ def _study_name(run: Run) -> str:
     return "runs"
 
 
-def _variant_key(run: Run) -> tuple[tuple[str, str], ...]:
-    rung = rung_of(run)
+def _rung_keys(runs: list[Run]) -> set[str]:
+    """The override keys that pick a ladder run's size: their value is the run's ladder.size in every ladder run."""
+    ladder = [r for r in runs if rung_of(r) is not None]
+    if not ladder:
+        return set()
+    keys = set(ladder[0].overrides)
+    for run in ladder:
+        keys = {k for k in keys if run.overrides.get(k) == rung_of(run)}
+    return keys
+
+
+def _variant_key(run: Run, rung_keys: set[str] = frozenset()) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(
         (k, v) for k, v in run.overrides.items()
-        if k not in SEED_KEYS and not k.startswith(NOT_VARIANTS) and not (rung is not None and v == rung)
+        if k not in SEED_KEYS and not k.startswith(NOT_VARIANTS) and k not in rung_keys
     ))
 
 
@@ -197,8 +217,10 @@ def group(runs: list[Run]) -> list[Study]:
         studies.setdefault(_study_name(run), Study(_study_name(run), [])).runs.append(run)
     for study in studies.values():
         variants: dict[tuple, Variant] = {}
+        rung_keys = _rung_keys(study.runs)
         for run in study.runs:
-            variants.setdefault(_variant_key(run), Variant(_variant_key(run))).runs.append(run)
+            key = _variant_key(run, rung_keys)
+            variants.setdefault(key, Variant(key)).runs.append(run)
         study.variants = list(variants.values())
         study.swept = _labels(study.variants)
         study.question = next((r.config["compare.question"] for r in study.runs if r.config.get("compare.question")),
@@ -230,6 +252,9 @@ def choose_metric(study: Study, requested: str | None, flag: str = "--metric") -
         flag = "compare.metric"
     if requested == "auto":
         metric = "val_bpb" if mixed and "val_bpb" in study.metrics else "val_loss"
+        if metric not in study.metrics:
+            metric = study.metrics[0]
+            study.notes.append(f"The runs logged no val_loss; ranked by {metric}.")
         if mixed:
             study.notes.append(f"The runs use different tokenizers, so they are compared in bits/byte ({metric}); "
                                "loss in nats/token is not comparable across tokenizers.")
@@ -244,6 +269,19 @@ def choose_metric(study: Study, requested: str | None, flag: str = "--metric") -
 
 
 def choose_baseline(study: Study, requested: str | None) -> Variant:
+    chosen = _choose_baseline(study, requested)
+    if not chosen.finished() and any(v.finished() for v in study.variants):
+        instead = next(v for v in study.variants if v.finished())
+        study.notes.append(f"The baseline {chosen.label} has no finished run; {instead.label} is the baseline.")
+        return instead
+    return chosen
+
+
+def matches(study: Study, spec: str) -> bool:
+    return _match(study.variants, spec) is not None
+
+
+def _choose_baseline(study: Study, requested: str | None) -> Variant:
     if requested is not None:
         found = _match(study.variants, requested)
         if found is None:
@@ -306,20 +344,33 @@ def metric_table(study: Study, metric: str, options: Options, rung: str | None =
         tested.append(row)
     for row, p in zip(tested, stats.holm([r.diff.p for r in tested])):
         row.p_holm = p
-        row.verdict = _verdict(row.diff, p, lower, options.alpha)
+        row.verdict = _verdict(row.diff, p, lower, options.alpha) + _missing_runs(row.variant, rung)
         sd = row.diff.sd if row.diff.sd is not None else noise
         if sd:
             n_a = row.diff.n_pairs if row.diff.paired else row.summary.n
             n_b = None if row.diff.paired else base.summary.n
             row.detectable = stats.detectable_difference(sd, n_a, n_b, options.alpha)
             row.seeds_needed = stats.seeds_needed(row.diff.diff, sd, row.diff.paired, options.alpha)
-    base.verdict = "baseline"
+    base.verdict = "baseline" + _missing_runs(base.variant, rung)
     best, note = _best(study, rows, metric, options, rung)
     table = MetricTable(metric, rung, rows, noise, best, note)
     if options.detect is not None and noise:
-        paired = any(r.diff is not None and r.diff.paired for r in rows)
-        table.detect = (options.detect, stats.seeds_needed(options.detect, noise, paired, options.alpha))
+        paired = [r.diff.sd for r in rows if r.diff is not None and r.diff.paired and r.diff.sd]
+        if paired:  # the noise of the paired differences, pooled over the comparisons
+            sd = (sum(v * v for v in paired) / len(paired)) ** 0.5
+            table.detect = (options.detect, stats.seeds_needed(options.detect, sd, True, options.alpha))
+        else:
+            table.detect = (options.detect, stats.seeds_needed(options.detect, noise, False, options.alpha))
     return table
+
+
+def _missing_runs(variant: Variant, rung: str | None) -> str:
+    """``; 2 of 5 runs did not finish``: what the statistics of a variant leave out."""
+    missing = variant.not_finished(rung)
+    if not missing:
+        return ""
+    total = len(missing) + len(variant.finished(rung))
+    return f"; {len(missing)} of {total} runs did not finish ({', '.join(sorted({r.status for r in missing}))})"
 
 
 def _verdict(diff: stats.Difference, p: float | None, lower: bool, alpha: float) -> str:
@@ -338,6 +389,10 @@ def _best(study: Study, rows: list[Row], metric: str, options: Options, rung: st
     scored = [r for r in rows if r.summary is not None and not (leak_matters and r.variant.leaks)]
     if len(scored) < 2:
         return None, ""
+    incomplete = [r.variant.label for r in scored if r.variant.not_finished(rung)]
+    if incomplete:  # a variant whose failed seeds are left out may look better than it is
+        return None, (f"No variant is marked best: runs of {', '.join(incomplete)} did not finish, and the "
+                      "statistics leave them out.")
     top = min(scored, key=lambda r: r.summary.mean if lower else -r.summary.mean)
     others = [r for r in scored if r is not top]
     diffs = [stats.difference(top.variant.by_seed(metric, rung), r.variant.by_seed(metric, rung), options.test,
@@ -406,6 +461,7 @@ def analyse(runs: list[Run], options: Options) -> list[Study]:
     studies = group(runs)
     requested_anywhere = options.metric is not None
     for study in studies:
+        study.alpha = options.alpha
         study.metrics = logged_metrics(study.runs)
         study.rungs = _rungs(study)
         if not study.metrics:
@@ -417,13 +473,26 @@ def analyse(runs: list[Run], options: Options) -> list[Study]:
             study.metric = choose_metric(study, None)
         else:
             study.metric = choose_metric(study, options.metric)
-        study.baseline = choose_baseline(study, options.baseline)
+        requested = options.baseline
+        if requested is not None and len(studies) > 1 and not matches(study, requested):
+            study.notes.append(f"--baseline={requested} matches no variant here; the default baseline is used.")
+            requested = None
+        study.baseline = choose_baseline(study, requested)
         top = study.rungs[-1] if study.rungs else None
         for metric in study.metrics:
             study.tables[metric] = metric_table(study, metric, options, top)
         study.notes.extend(fairness_notes(study))
         if study.rungs:
             ladder_tables(study, options)
+    if options.baseline is not None and len(studies) > 1 and not any(matches(s, options.baseline) for s in studies):
+        raise ConfigError(f"--baseline={options.baseline!r} matches no variant of any study; variants: "
+                          + " | ".join(v.label for s in studies for v in s.variants))
+    if options.interval == "bootstrap":
+        for study in studies:
+            fewest = min((len(v.values(study.metric)) for v in study.variants if v.finished()), default=0)
+            if 0 < fewest < 10:
+                study.notes.append(f"Bootstrap intervals from {fewest} runs are too narrow (a bootstrap of a few "
+                                   "values misses the tails); the t intervals (--ci t) are the ones to trust here.")
     if options.target_compute is not None and not any(s.rungs for s in studies):
         raise ConfigError("--target-compute needs a ladder experiment (runs with ladder.size set); "
                           "none of these runs is one")

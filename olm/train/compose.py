@@ -169,6 +169,8 @@ def sweep_jobs(overrides: list[str], sweep_params: dict | None, seeds: int = 1,
     parser = OverridesParser.create()
     params = [f"{key}={value}" for key, value in (sweep_params or {}).items()]
     extra = seed_sweep(seeds, seed, list(overrides), sweep_params)
+    if extra:  # as olm's sweeper does: the base seed is read, the seed then varies fastest
+        overrides = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "seed"]
     parsed = parser.parse_overrides(params + list(overrides) + extra)
     by_key: dict[str, list[str]] = {}  # a later override of a key replaces an earlier one, as in Hydra's sweeper
     for override in parsed:

@@ -10,6 +10,7 @@ its first checkpoint starts again. A job dir that holds a job with other overrid
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -35,6 +36,24 @@ class JobFailed(OlmError):
 
     def __reduce__(self):  # crosses process boundaries (parallel launchers) with its exit code
         return JobFailed, (self.code, self.message)
+
+
+@contextlib.contextmanager
+def one_line():
+    """Inside a sweeper: an OlmError (a sweep dir holding another sweep, a stored study with other directions) ends
+    the command as ``error: <one line>``, exit 2 (1 for a fault of the run), as olm-train's own checks do."""
+    import sys
+
+    try:
+        yield
+    except ConfigError as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except JobFailed:
+        raise
+    except OlmError as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 # -- resuming a multirun ----------------------------------------------------------------------------------------------
@@ -358,6 +377,10 @@ def check_optuna(sweeper) -> tuple[dict, list[str], list[str]]:
     if len(objectives) > 1 and sweeper.get("pruner", "none") != "none":
         raise ConfigError(f"hydra.sweeper.pruner={sweeper.pruner!r}: Optuna prunes single-objective studies only; "
                           f"with objectives {objectives} use pruner=none")
+    if sweeper.get("pruner", "none") != "none" and (objectives != ["val_loss"] or directions != ["minimize"]):
+        raise ConfigError(f"hydra.sweeper.pruner={sweeper.pruner!r}: jobs report their val loss at each validation, "
+                          f"so pruning needs objectives=[val_loss] with direction=minimize (have {objectives}, "
+                          f"{directions}); use pruner=none")
     space, fixed = search_space(dict(sweeper.get("params") or {}))
     make_sampler(sweeper.get("sampler", "tpe"), sweeper.get("seed"), dict(sweeper.get("sampler_options") or {}),
                  space)
@@ -417,11 +440,13 @@ def job_slots(jobs_per_gpu: int, gpus: list[int] | None, gpus_per_job: int | Non
 
         gpus = list(range(torch.cuda.device_count()))
     if accelerator == "cpu" or not gpus:
-        return [None] * (jobs or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return [None] * (jobs or cores)
     per_job = gpus_per_job or (devices if isinstance(devices, int) and devices > 0 else 1)
     if per_job > len(gpus):
         raise ConfigError(f"hydra.launcher.gpus_per_job={per_job} (trainer.devices) is more than the "
                           f"{len(gpus)} GPUs of hydra.launcher.gpus={gpus}")
     groups = [gpus[i:i + per_job] for i in range(0, len(gpus) - per_job + 1, per_job)]
-    slots = [group for group in groups for _ in range(jobs_per_gpu)]
+    # Interleaved (g0, g1, ..., g0, g1, ...): workers take the first free slot, so the GPUs fill evenly.
+    slots = [group for _ in range(jobs_per_gpu) for group in groups]
     return slots[:jobs] if jobs else slots
