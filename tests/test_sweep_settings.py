@@ -28,6 +28,8 @@ def test_seeds_multiply_the_grid_with_the_seed_varying_fastest():
     (["-m", *SMOKE, "seeds=0"], "seeds=0"),
     (["-m", "hparams_search=optuna", *SMOKE, "seeds=2"], "seeds=2 is for grid sweeps (hydra/sweeper=olm)"),
     (["-m", "--cfg", "job", *SMOKE], "-m and --cfg job cannot be combined"),
+    (["-m", *SMOKE, "hydra/launcher=parallel", "hydra.launcher.jobs_per_gpu=0"],
+     "hydra.launcher.jobs_per_gpu=0 must be a positive integer"),
 ])
 def test_seed_mistakes_are_one_line_before_anything_runs(argv, message):
     with pytest.raises(ConfigError) as info:
@@ -41,6 +43,7 @@ def test_an_experiment_declares_its_seeds_and_a_single_run_can_opt_out():
     jobs, total = sweep_jobs([], dict(cfg.hydra.sweeper.params), cfg.seeds, cfg.seed)
     assert total == 9 and jobs[2][-1] == "seed=2"
     assert prepare(["+experiment=[ffn_multiplier,smoke]", "seeds=1", "logger=none"])  # one run: checked, allowed
+    assert prepare(["--cfg", "job", "+experiment=[ffn_multiplier,smoke]", "logger=none"])  # a dry run of one job
 
 
 def test_flops_count_what_a_token_really_uses():

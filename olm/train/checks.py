@@ -26,12 +26,13 @@ SAFE_TARGETS = ("hydra.", "hydra_plugins.", "logging.", "optuna.samplers.", "opt
 NOT_SETTINGS = {"hydra"}
 
 
-def check_run(cfg: DictConfig, *, model: bool = True, memory: bool = True) -> None:
-    """All checks, in the order a user would fix them (module docstring)."""
+def check_run(cfg: DictConfig, *, model: bool = True, memory: bool = True, dry_run: bool = False) -> None:
+    """All checks, in the order a user would fix them (module docstring). ``dry_run``: the config is printed, not
+    run (``--cfg job``), so an experiment's ``seeds`` need no ``-m``."""
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        _check_run(cfg, model, memory)
+        _check_run(cfg, model, memory, dry_run)
     except OmegaConfBaseException as exc:  # an interpolation or a resolver (olm.vocab_size) failed
         cause = config_error_cause(exc)
         if cause is not None:
@@ -41,11 +42,11 @@ def check_run(cfg: DictConfig, *, model: bool = True, memory: bool = True) -> No
         raise ConfigError(f"{key}: {text}" if key and key not in text else text) from None
 
 
-def _check_run(cfg: DictConfig, model: bool, memory: bool) -> None:
+def _check_run(cfg: DictConfig, model: bool, memory: bool, dry_run: bool = False) -> None:
     _check_missing(cfg)
     _check_undeclared_keys(cfg)
     check_settings(cfg)
-    _check_between_keys(cfg)
+    _check_between_keys(cfg, dry_run)
     if "hydra" in cfg:
         check_hydra_targets(cfg)
     if model:
@@ -102,14 +103,14 @@ def _is_single_run(cfg: DictConfig) -> bool:
     return mode is not None and str(mode) in (str(RunMode.RUN), "RUN")
 
 
-def _check_between_keys(cfg: DictConfig) -> None:
+def _check_between_keys(cfg: DictConfig, dry_run: bool = False) -> None:
     trainer, scheduler = cfg.trainer, cfg.scheduler
     total = scheduler.total_steps or trainer.max_steps
     if scheduler.warmup_steps is not None and scheduler.warmup_steps >= total:
         which = "scheduler.total_steps" if scheduler.total_steps else "trainer.max_steps"
         raise ConfigError(f"scheduler.warmup_steps={scheduler.warmup_steps} must be below {which}={total} "
                           "(the learning rate would never reach optim.lr)")
-    if cfg.seeds > 1 and _is_single_run(cfg):
+    if cfg.seeds > 1 and not dry_run and _is_single_run(cfg):
         raise ConfigError(f"seeds={cfg.seeds} runs every variant {cfg.seeds} times and needs a multirun: add -m, "
                           "or seeds=1 for one run (seed=N picks its seed)")
     if cfg.resume is not None and cfg.ckpt_path:

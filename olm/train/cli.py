@@ -129,7 +129,7 @@ def prepare(argv: list[str]) -> list[str]:
             overrides = [*planned.overrides, "resume=auto", f"hydra.run.dir={planned.run_dir}",
                          f"hydra.output_subdir={planned.record_subdir}"]
         cfg = compose(overrides, return_hydra_config=True, **where)
-        check_run(cfg)
+        check_run(cfg, dry_run=bool(args.cfg))
         if planned is None and cfg.resume is None and not cfg.ckpt_path:
             refuse_fresh_start(Path(str(cfg.hydra.run.dir)))
         return [*flags, *overrides]
@@ -151,10 +151,12 @@ def prepare(argv: list[str]) -> list[str]:
             from olm.train.sweeps import check_optuna
 
             check_optuna(base.hydra.sweeper)
+        _check_launcher(base)
         if base.seeds > 1:
             raise ConfigError(f"seeds={base.seeds} is for grid sweeps (hydra/sweeper=olm); {sweeper.rsplit('.', 1)[-1]} "
                               "runs one seed per trial: drop seeds, or give seed=N")
         return [*flags, *overrides]
+    _check_launcher(base)
     params = base.hydra.sweeper.get("params") or {}
     jobs, total = sweep_jobs(overrides, dict(params), int(base.seeds), int(base.seed))
     checked = set()
@@ -167,6 +169,17 @@ def prepare(argv: list[str]) -> list[str]:
     if total > len(jobs):
         log.info("checked the first %d of the sweep's %d jobs before starting it", len(jobs), total)
     return [*flags, *overrides]
+
+
+def _check_launcher(cfg: DictConfig) -> None:
+    """olm's parallel launcher: its slot settings, before the sweep starts."""
+    launcher = cfg.hydra.launcher
+    if not str(launcher.get("_target_", "")).endswith("ParallelLauncher"):
+        return
+    from olm.train.sweeps import job_slots
+
+    job_slots(launcher.jobs_per_gpu, None if launcher.gpus is None else list(launcher.gpus), launcher.gpus_per_job,
+              launcher.jobs, cfg.trainer.get("devices"), str(cfg.trainer.get("accelerator", "auto")))
 
 
 def _check_search_space(cfg: DictConfig, command_line: list[str] = ()) -> None:
