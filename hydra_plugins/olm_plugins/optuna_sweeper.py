@@ -56,13 +56,12 @@ class OptunaSweeper(Sweeper):
 
     def _sweep(self, arguments: List[str]) -> None:
         import optuna
+        from omegaconf import OmegaConf
 
         from olm.train import sweeps
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        from omegaconf import OmegaConf
-
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         setup = sweeps.optuna_setup(self, arguments, sweep_dir)
         study = setup.study
@@ -79,7 +78,7 @@ class OptunaSweeper(Sweeper):
                 ret, = self.launcher.launch([plan.overrides], initial_job_idx=trial.number)
             failed += setup.tell(trial.number, ret, sweep_dir / str(trial.number))
         while True:
-            done = len(study.get_trials(deepcopy=False, states=sweeps.FINISHED_TRIALS))
+            done = sweeps.finished_trials(study)
             if done >= self.n_trials:
                 break
             trials = [study.ask(setup.space) for _ in range(min(self.n_jobs, self.n_trials - done))]

@@ -23,17 +23,13 @@ log = logging.getLogger("olm")
 
 class OlmSweeper(BasicSweeper):
     def sweep(self, arguments: List[str]) -> Any:
-        from olm.train.compose import seed_sweep
-
+        from olm.train.compose import with_seeds
         from olm.train.sweeps import one_line
 
         assert self.config is not None
         with one_line():
-            extra = seed_sweep(int(self.config.seeds), int(self.config.seed), list(arguments),
-                               dict(self.params or {}))
-            if extra:  # the base seed is read; an explicit seed=N would keep its place and vary slowest
-                arguments = [a for a in arguments if a.lstrip("+~").split("=", 1)[0] != "seed"]
-            return self._run([*arguments, *extra])
+            return self._run(with_seeds(int(self.config.seeds), int(self.config.seed), list(arguments),
+                                        dict(self.params or {})))
 
     def launch_batch(self, batch, initial_job_idx: int):
         """The batch's jobs that are not done yet, each as it should run again (olm.train.sweeps.plan_job)."""

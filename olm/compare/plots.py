@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from olm.compare.study import Study, Variant, lower_is_better, units
+from olm.compare.study import Study, Variant, lower_is_better, rung_of, units
 
 X_AXES = {"steps": "optimizer steps", "tokens": "tokens seen", "flops": "training FLOPs"}
 MAX_CURVES = 10
@@ -49,7 +49,7 @@ def _x(point, x: str):
 
 def curve_band(variant: Variant, curve: str, x: str, rung: str | None):
     """(xs, mean, std or None) over the variant's runs that logged ``curve``, at the steps all of them logged."""
-    runs = [r for r in variant.runs if curve in r.curves and (rung is None or _rung(r) == rung)]
+    runs = [r for r in variant.runs if curve in r.curves and (rung is None or rung_of(r) == rung)]
     if any(r.finished for r in runs):  # a killed run would cut the band short at its last step
         runs = [r for r in runs if r.finished]
     if not runs:
@@ -62,11 +62,6 @@ def curve_band(variant: Variant, curve: str, x: str, rung: str | None):
     values = np.array([[points[s].value for s in steps] for points in by_run])
     std = values.std(axis=0, ddof=1) if len(runs) > 1 else None
     return xs, values.mean(axis=0), std, len(runs)
-
-
-def _rung(run):
-    size = run.config.get("ladder.size")
-    return None if size is None else str(size)
 
 
 def plot_curves(study: Study, curve: str, x: str, path: Path) -> bool:

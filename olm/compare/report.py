@@ -166,14 +166,8 @@ def _md(table: Table) -> str:
 def _html_table(table: Table) -> str:
     header, rows = table
 
-    def cell(text: str) -> str:
-        text = html.escape(text)
-        while text.count("**") >= 2:
-            text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
-        return text
-
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_bold(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -325,6 +319,7 @@ def _study_section(study: Study, studies: list[Study], out: Path, x: str):
 
 
 def _bold(text: str) -> str:
+    """A line of the markdown report as HTML: escaped, **bold** as <b>, `code` marks dropped."""
     text = html.escape(text)
     while text.count("**") >= 2:
         text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)

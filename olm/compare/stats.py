@@ -52,11 +52,9 @@ def describe(values, interval: str = "t", confidence: float = CONFIDENCE, seed: 
     if n == 1:
         return Summary(1, mean, None, None, None)
     std = float(x.std(ddof=1))
-    if interval == "bootstrap" and std > 0:
-        result = stats.bootstrap((x,), np.mean, confidence_level=confidence, random_state=seed)
-        low, high = result.confidence_interval
-        if math.isfinite(low) and math.isfinite(high):
-            return Summary(n, mean, std, float(low), float(high))
+    found = _bootstrap((x,), np.mean, confidence, seed) if interval == "bootstrap" and std > 0 else None
+    if found is not None:
+        return Summary(n, mean, std, *found)
     half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
     return Summary(n, mean, std, mean - half, mean + half)
 
@@ -122,14 +120,24 @@ def difference(variant: dict[int, list[float]], baseline: dict[int, list[float]]
     return Difference(name, False, 0, diff, low, high, p, sd)
 
 
+def _bootstrap(samples: tuple, statistic, confidence: float, seed: int) -> tuple[float, float] | None:
+    """scipy's BCa bootstrap interval of ``statistic``, or None where it is undefined (e.g. no spread)."""
+    from scipy import stats
+
+    low, high = stats.bootstrap(samples, statistic, confidence_level=confidence, random_state=seed).confidence_interval
+    return (float(low), float(high)) if math.isfinite(low) and math.isfinite(high) else None
+
+
+def _mean_difference(u, v, axis=-1):
+    return np.mean(u, axis=axis) - np.mean(v, axis=axis)
+
+
 def _interval_paired(d, interval, confidence, seed):
     from scipy import stats
 
-    if interval == "bootstrap":
-        result = stats.bootstrap((d,), np.mean, confidence_level=confidence, random_state=seed)
-        low, high = result.confidence_interval
-        if math.isfinite(low) and math.isfinite(high):
-            return float(low), float(high)
+    found = _bootstrap((d,), np.mean, confidence, seed) if interval == "bootstrap" else None
+    if found is not None:
+        return found
     ci = stats.ttest_1samp(d, 0.0).confidence_interval(confidence)
     return float(ci.low), float(ci.high)
 
@@ -137,12 +145,9 @@ def _interval_paired(d, interval, confidence, seed):
 def _interval_unpaired(x, y, interval, confidence, seed):
     from scipy import stats
 
-    if interval == "bootstrap":
-        result = stats.bootstrap((x, y), lambda u, v, axis=-1: np.mean(u, axis=axis) - np.mean(v, axis=axis),
-                                 confidence_level=confidence, random_state=seed)
-        low, high = result.confidence_interval
-        if math.isfinite(low) and math.isfinite(high):
-            return float(low), float(high)
+    found = _bootstrap((x, y), _mean_difference, confidence, seed) if interval == "bootstrap" else None
+    if found is not None:
+        return found
     ci = stats.ttest_ind(x, y, equal_var=False).confidence_interval(confidence)
     return float(ci.low), float(ci.high)
 

@@ -179,7 +179,7 @@ def _check_launcher(cfg: DictConfig) -> None:
     from olm.train.sweeps import job_slots
 
     job_slots(launcher.jobs_per_gpu, None if launcher.gpus is None else list(launcher.gpus), launcher.gpus_per_job,
-              launcher.jobs, cfg.trainer.get("devices"), str(cfg.trainer.get("accelerator", "auto")))
+              launcher.jobs, cfg.trainer.devices, str(cfg.trainer.accelerator))
 
 
 def _check_search_space(cfg: DictConfig, command_line: list[str] = ()) -> None:

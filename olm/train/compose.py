@@ -159,6 +159,15 @@ def seed_sweep(seeds: int, seed: int, overrides: list[str], sweep_params: dict |
     return [f"seed=range({seed},{seed + seeds})"] if seeds > 1 else []
 
 
+def with_seeds(seeds: int, seed: int, overrides: list[str], sweep_params: dict | None) -> list[str]:
+    """``overrides`` with the seed axis of ``seeds=N`` last (olm's sweeper and the pre-check both use this): the
+    base seed is already read, so an explicit ``seed=N`` is dropped; it would keep its place and vary slowest."""
+    extra = seed_sweep(seeds, seed, list(overrides), sweep_params)
+    if not extra:
+        return list(overrides)
+    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "seed"] + extra
+
+
 def sweep_jobs(overrides: list[str], sweep_params: dict | None, seeds: int = 1,
                seed: int = 0) -> tuple[list[list[str]], int]:
     """The jobs of a grid multirun, as olm's sweeper makes them: the experiment's ``hydra.sweeper.params``, then the
@@ -168,10 +177,7 @@ def sweep_jobs(overrides: list[str], sweep_params: dict | None, seeds: int = 1,
 
     parser = OverridesParser.create()
     params = [f"{key}={value}" for key, value in (sweep_params or {}).items()]
-    extra = seed_sweep(seeds, seed, list(overrides), sweep_params)
-    if extra:  # as olm's sweeper does: the base seed is read, the seed then varies fastest
-        overrides = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "seed"]
-    parsed = parser.parse_overrides(params + list(overrides) + extra)
+    parsed = parser.parse_overrides(params + with_seeds(seeds, seed, list(overrides), sweep_params))
     by_key: dict[str, list[str]] = {}  # a later override of a key replaces an earlier one, as in Hydra's sweeper
     for override in parsed:
         key = override.get_key_element()

@@ -78,7 +78,7 @@ def plan(overrides: list[str], compose) -> ResumePlan | None:
     saved_config = run_dir / "config.yaml"
     if record is None or not saved_config.is_file():
         return None
-    if _checkpoint_step(run_dir) is None:
+    if checkpoint_step(run_dir) is None:
         from olm.train.run import nothing_to_resume
 
         raise nothing_to_resume(run_dir)
@@ -90,11 +90,11 @@ def plan(overrides: list[str], compose) -> ResumePlan | None:
     merged = merge_overrides([str(o) for o in own], [*new, f"name='{quoted}'"])
     cfg = compose(merged)
     refuse_changes(saved, cfg, new, lambda dropped: compose([o for o in merged if o != dropped]))
-    return ResumePlan(run_dir, merged, f"{HYDRA_RECORD}/resume-{_checkpoint_step(run_dir)}",
+    return ResumePlan(run_dir, merged, f"{HYDRA_RECORD}/resume-{checkpoint_step(run_dir)}",
                       finished_note=_finished(run_dir, cfg))
 
 
-def _checkpoint_step(run_dir: Path) -> int | None:
+def checkpoint_step(run_dir: Path) -> int | None:
     """The step of the checkpoint a resume of ``run_dir`` continues from (None without one). It names the resume's
     record, the same on every rank of a job that torchrun or SLURM starts."""
     from olm.train.checkpoint import latest_checkpoint

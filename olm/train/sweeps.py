@@ -72,7 +72,7 @@ def plan_job(index: int, overrides: list[str], job_dir: Path) -> JobPlan:
     """What re-running job ``index`` of a sweep means, from what its dir holds."""
     from olm.train.checkpoint import latest_checkpoint
     from olm.train.outcome import read_summary
-    from olm.train.resume import _checkpoint_step
+    from olm.train.resume import checkpoint_step
 
     recorded = job_dir / ".hydra" / "overrides.yaml"
     if not recorded.is_file():
@@ -88,7 +88,7 @@ def plan_job(index: int, overrides: list[str], job_dir: Path) -> JobPlan:
         return JobPlan(index, list(overrides), status)
     if latest_checkpoint(job_dir) is None:
         return JobPlan(index, list(overrides), "restart")
-    step = _checkpoint_step(job_dir)
+    step = checkpoint_step(job_dir)
     return JobPlan(index, [*overrides, "resume=auto", f"hydra.output_subdir=.hydra/resume-{step}"], "resume")
 
 
@@ -294,7 +294,14 @@ def pin_to_slot() -> None:
 
 
 PRUNER_ATTR = "olm_pruner"
-FINISHED_TRIALS = None  # set on first use: the Optuna trial states that count towards n_trials
+
+
+def finished_trials(study) -> int:
+    """The trials that count towards ``n_trials``: complete, pruned or failed (not those left running)."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    return len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.FAIL)))
 
 
 @dataclass
@@ -396,9 +403,6 @@ def optuna_setup(sweeper, arguments: list[str], sweep_dir: Path) -> OptunaSetup:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    global FINISHED_TRIALS
-    FINISHED_TRIALS = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                       optuna.trial.TrialState.FAIL)
     params = dict(sweeper.params)
     fixed_args = []
     for override in OverridesParser.create().parse_overrides(arguments):
