@@ -18,7 +18,9 @@ $(BIN)/python:
 # Reinstall when the package metadata changes; torch is installed first so an existing build is kept.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,hf]"
+	$(BIN)/python -m pip install -q -e ".[dev,hf,eval]"
+	@# An editable install skips the wheel's olm-lm-eval.pth (lm_eval --model olm); put it in the venv by hand.
+	$(BIN)/python -c "import shutil, sysconfig; shutil.copy('olm-lm-eval.pth', sysconfig.get_paths()['purelib'])"
 	@# hydra-optuna-sweeper pins optuna < 3; olm has its own Optuna sweeper, and an older .venv may still hold it.
 	$(BIN)/python -m pip uninstall -q -y hydra-optuna-sweeper 2>/dev/null || true
 	touch $@

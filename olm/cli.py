@@ -235,7 +235,56 @@ def cmd_convert(args) -> int:
         from_hf(args.from_hf, dtype=dtype).save(args.out)
     else:
         to_hf(Block.load(args.to_hf), args.out, family=args.family)
+        tokenizer_dir = Path(args.to_hf) / "tokenizer"
+        if tokenizer_dir.is_dir():  # the model's own tokenizer, for AutoTokenizer (and lm-eval's hf model)
+            from olm.data import load_tokenizer
+
+            load_tokenizer(tokenizer_dir).save_for_transformers(args.out)
     print(f"wrote {args.out}")
+    return 0
+
+
+RUN_RECORD = ("summary.json", "metrics.csv", "config.yaml", "hparams.yaml", "train.log")
+
+
+def _check_eval_args(args) -> None:
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit={args.limit} must be a positive integer (items per task)")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size} must be a positive integer")
+    if args.out and Path(args.out).name in RUN_RECORD:
+        raise ConfigError(f"--out {args.out!r} would overwrite a run's record ({', '.join(RUN_RECORD)}); "
+                          "name another file, e.g. <run dir>/eval.json")
+
+
+def cmd_eval(args) -> int:
+    _check_eval_args(args)
+    try:
+        from olm.eval.run import go_offline
+    except ImportError as exc:  # pragma: no cover - the extra is installed by make test
+        raise ConfigError(f"olm eval needs lm-eval: pip install 'olm[eval]' ({exc})") from exc
+    go_offline()
+    from olm.eval.harness import OlmLM
+    from olm.eval.run import evaluate, flat_metrics, resolve_tasks, summary_lines
+
+    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    tasks = resolve_tasks(names, args.include_path)  # before the model is loaded: a bad name costs nothing
+    lm = OlmLM(path=args.path, device=args.device, batch_size=args.batch_size, dtype=args.dtype)
+    results = evaluate(lm, tasks, limit=args.limit, bootstrap_iters=args.bootstrap_iters)
+    for line in summary_lines(results):
+        print(line)
+    if args.out:
+        import json
+
+        record = {"path": str(args.path), "tasks": names, "limit": args.limit, "metrics": flat_metrics(results),
+                  "results": results.get("results"), "n-samples": results.get("n-samples"),
+                  "versions": results.get("versions")}
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        tmp.replace(out)  # written whole, after the evaluation succeeded
+        print(f"wrote {out}")
     return 0
 
 
@@ -300,6 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ladders: predict each variant's loss, and the gap, at this training compute")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the ladder fits")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("eval", help="evaluate a run dir, model dir or .ckpt on lm-eval tasks, offline "
+                                    "(docs/eval.md)")
+    p.add_argument("path", metavar="PATH", help="a run dir, an exported model dir, or a .ckpt file")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names; olm's own: "
+                                                  "olm_next_line, olm_identifier, olm (both)")
+    p.add_argument("--limit", type=int, help="at most this many items per task (default: all)")
+    p.add_argument("--out", metavar="FILE", help="also write the metrics and lm-eval's results as JSON")
+    p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a GPU that has it, float32 otherwise")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of task YAMLs (lm-eval's format), e.g. with local data files; repeatable")
+    p.add_argument("--bootstrap-iters", type=int, default=1000,
+                   help="bootstrap resamples for the standard errors of non-mean metrics (0: none)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("models", help="list the model zoo presets: family, parameter count, context length")
     p.add_argument("--family", help="only this family (gpt2, llama, mistral, qwen2, gemma2, phi3, olmo, opt, "

@@ -3,6 +3,8 @@ context window is encoded afresh for each step once it slides)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -33,13 +35,14 @@ def generate(
     eos_id: int | None = None,
     use_cache: bool = True,
     slide_context: bool = False,
+    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Continue ``prompt`` (B, T) by up to ``max_new_tokens``; temperature 0 is greedy. Returns (B, T + new).
 
     Each token is predicted from at most the last ``model.max_seq_len - 1`` tokens (the context window). When
     the sequence outgrows the window, generation stops (a longer prompt comes back unchanged), or with
     ``slide_context`` continues on the last window of tokens. Generation also stops when every row has
-    produced ``eos_id``.
+    produced ``eos_id``, or when ``stop`` (the new tokens so far, (B, n) -> (B,) bool) holds for every row.
     """
     if prompt.ndim == 1:
         prompt = prompt[None]
@@ -73,7 +76,9 @@ def generate(
         tokens = torch.cat([tokens, next_token], dim=1)
         if eos_id is not None:
             finished |= next_token.squeeze(1) == eos_id
-            if finished.all():
-                break
+        if stop is not None:
+            finished |= stop(tokens[:, prompt.shape[1]:])
+        if (eos_id is not None or stop is not None) and finished.all():
+            break
     model.train(was_training)
     return tokens

@@ -16,7 +16,8 @@ CONF_DIR = conf_dir()
 
 OLM_TRAIN = [sys.executable, "-m", "olm.train"]
 TINY = ["model=lm_tiny", "data.tokenizer=byte", "data.seq_len=32", "data.val_batches=2", "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false", "sample.max_new_tokens=0", "export=false"]
+        "trainer.enable_progress_bar=false", "sample.max_new_tokens=0", "export=false",
+        "callbacks.eval.tasks=[]"]
 
 
 def olm_train(args, cache_dir, timeout=240):

@@ -39,7 +39,7 @@ from olm.train.checkpoint import load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=lm_tiny", "data.tokenizer=byte", "data.seq_len=32", "data.batch_size=8", "data.val_batches=2",
         "trainer=cpu", "logger=none", "sample.max_new_tokens=0", "export=false", "trainer.enable_progress_bar=false",
-        "trainer.log_every_n_steps=1"]
+        "trainer.log_every_n_steps=1", "callbacks.eval.tasks=[]"]
 
 FAULTS = '''
 """Test-only fault injection for olm subprocesses, active only when OLM_TEST_FAULT (JSON) is set."""

@@ -18,7 +18,7 @@ from wandb_records import summarize
 TINY_RUN = [
     "model=lm_tiny", "data.tokenizer=byte", "data.seq_len=32", "data.batch_size=8", "data.val_batches=4", "trainer=cpu",
     "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "sample.max_new_tokens=8",
-    "optim.lr=3e-3",
+    "optim.lr=3e-3", "callbacks.eval.tasks=[]",
 ]
 
 

@@ -56,6 +56,23 @@ class Tokenizer:
         (directory / "tokenizer_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         return directory
 
+    def save_for_transformers(self, directory: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` that ``transformers.AutoTokenizer`` loads as a
+        fast tokenizer giving the same ids (beside a model exported with ``olm.zoo.to_hf``)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.as_tokenizers().save(str(directory / "tokenizer.json"))
+        eos = None if self.eos_id is None else self.as_tokenizers().id_to_token(self.eos_id)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": None,
+                  "unk_token": None, "pad_token": None, "clean_up_tokenization_spaces": False,
+                  "add_bos_token": False, "add_eos_token": False}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return directory
+
+    def as_tokenizers(self) -> hf.Tokenizer:
+        """The same tokenizer as a ``tokenizers.Tokenizer``."""
+        raise NotImplementedError
+
 
 class ByteTokenizer(Tokenizer):
     """Token = one UTF-8 byte. Lossless for any text, so bytes per token is exactly 1."""
@@ -69,6 +86,13 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         # a slice of a byte stream can cut a multi-byte character: show it as U+FFFD rather than fail
         return bytes(ids).decode("utf-8", errors="replace")
+
+    def as_tokenizers(self) -> hf.Tokenizer:
+        # Byte-level BPE without merges: every byte is its own token, and its id is the byte's value.
+        tok = hf.Tokenizer(hf.models.BPE(vocab=byte_level_alphabet(), merges=[]))
+        tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = hf.decoders.ByteLevel()
+        return tok
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -122,6 +146,9 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def as_tokenizers(self) -> hf.Tokenizer:
+        return self.tok
 
     def __getstate__(self):  # tokenizers objects pickle, but the JSON is the stable form
         return {**self.__dict__, "tok": self.tok.to_str()}

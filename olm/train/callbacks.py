@@ -70,7 +70,12 @@ class ThroughputMonitor(L.Callback):
         self._last_time, self._last_step = now, step
 
     def on_validation_start(self, trainer, pl_module):
-        if trainer.state.fn == "fit" and self._last_time is not None:
+        if trainer.state.fn == "fit":
+            self.pause()
+
+    def pause(self) -> None:
+        """Stop the clock until the next training batch (validation, an in-loop evaluation)."""
+        if self._last_time is not None and self._paused_at is None:
             self._paused_at = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -234,3 +239,58 @@ class OptunaPruning(L.Callback):
         if prune:
             self.pruned_at = trainer.global_step
             trainer.should_stop = True
+
+
+class DownstreamEval(L.Callback):
+    """Evaluates the live model on lm-eval tasks (``callbacks.eval``) every ``every_n_steps`` optimizer steps and
+    once when training ends, and logs ``eval/<task>/<metric>`` to every logger (metrics.csv, W&B).
+
+    The tasks are resolved and their data loaded once, at the start of training, so a bad name or missing data
+    stops the run before its first step. Rank 0 evaluates its replica while the other ranks wait (under DDP the
+    replicas are equal); the throughput clock is paused meanwhile, as for validation. ``last`` holds the latest
+    values, which the run puts in summary.json; a resumed run continues at the next multiple of ``every_n_steps``.
+    """
+
+    def __init__(self, config, throughput: ThroughputMonitor | None = None, cache_dir: str | None = None):
+        self.config, self.throughput, self.cache_dir = config, throughput, cache_dir
+        self.tasks = None
+        self.last: dict[str, float] = {}
+        self._evaluated_at = None
+
+    def on_fit_start(self, trainer, pl_module):
+        from olm.eval.run import resolve_tasks
+
+        if trainer.is_global_zero:
+            self.tasks = resolve_tasks(list(self.config.tasks), list(self.config.include_path), self.cache_dir,
+                                       where="callbacks.eval.tasks")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        every = self.config.every_n_steps
+        step = trainer.global_step
+        if every and step % every == 0 and step != self._evaluated_at and not trainer.should_stop:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step != self._evaluated_at and not any(
+                getattr(cb, "pruned_at", None) is not None for cb in trainer.callbacks):
+            self._evaluate(trainer, pl_module)
+
+    def _evaluate(self, trainer, pl_module):
+        from olm.eval.harness import OlmLM
+        from olm.eval.run import evaluate, flat_metrics
+
+        if self.throughput is not None:
+            self.throughput.pause()
+        self._evaluated_at = trainer.global_step
+        metrics = {}
+        if trainer.is_global_zero:
+            tokenizer = trainer.datamodule.tokenizer
+            lm = OlmLM(model=pl_module.model, tokenizer=tokenizer, device=str(pl_module.device),
+                       batch_size=self.config.batch_size)
+            results = evaluate(lm, self.tasks, limit=self.config.limit)
+            metrics = flat_metrics(results, prefix="eval/")
+            for logger in trainer.loggers:  # Lightning's row of optimizer step k is k - 1, as for validation
+                logger.log_metrics(metrics, step=trainer.global_step - 1)
+            summary = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items())
+            logging.getLogger("olm.train").info("step %d: %s", trainer.global_step, summary)
+        self.last = trainer.strategy.broadcast(metrics, src=0)

@@ -119,9 +119,36 @@ def _check_between_keys(cfg: DictConfig, dry_run: bool = False) -> None:
     check_float8(cfg.float8, cfg.float8_head)
     if cfg.data.source != "stdlib" and not cfg.data.path:
         raise ConfigError(f"data.path must be set for data.source={cfg.data.source!r} (a file or a directory)")
+    _check_eval(cfg)
     max_seq_len = cfg.model.get("max_seq_len")  # the model kind's own key, if it has one
     if isinstance(max_seq_len, int) and cfg.data.seq_len > max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={max_seq_len}")
+
+
+def _check_eval(cfg: DictConfig) -> None:
+    """``callbacks.eval``: lm-eval installed, olm's own task names spelled right (other names are looked up in
+    lm-eval's registry when training starts, before the first step), and no FSDP (the model is sharded)."""
+    tasks = list(cfg.callbacks.eval.tasks)
+    if not tasks:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(f"callbacks.eval.tasks={tasks} needs lm-eval: pip install 'olm[eval]' "
+                          "(or callbacks.eval.tasks=[] for no downstream evaluation)")
+    from olm.eval.tasks import GROUP, SHIPPED
+
+    shipped = (*SHIPPED, GROUP)
+    for name in tasks:
+        if name.startswith("olm") and name not in shipped:
+            raise ConfigError(f"callbacks.eval.tasks: {name!r} is not one of olm's tasks"
+                              + did_you_mean(name, list(shipped), "olm's tasks"))
+    strategy = cfg.trainer.strategy
+    name = strategy.get("name") if isinstance(strategy, DictConfig) else strategy
+    if name == "fsdp":
+        raise ConfigError("callbacks.eval.tasks is set with trainer.strategy fsdp: the in-loop evaluation needs "
+                          "the whole model on one rank; set callbacks.eval.tasks=[] and run olm eval on the "
+                          "exported model")
 
 
 def _check_strategy(strategy: Any) -> None:

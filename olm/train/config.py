@@ -222,10 +222,31 @@ class NanGuardConfig:
     skip_batches: int = setting(0, check=non_negative_int, allowed="an integer >= 0")
 
 
+def _task_names(v) -> bool:
+    return all(isinstance(t, str) and t.strip() == t and t for t in v)
+
+
+@dataclass
+class EvalConfig:
+    """Downstream evaluation of the live model through lm-eval (olm.eval; the extra ``[eval]``), logged as
+    ``eval/<task>/<metric>``: every ``every_n_steps`` optimizer steps and once when training ends."""
+
+    # lm-eval task or group names: olm's own (olm_next_line, olm_identifier, olm = both), lm-eval's registry
+    # (datasets from the local Hugging Face cache only), or YAMLs in include_path. Empty: no evaluation.
+    tasks: List[str] = setting([], check=_task_names, allowed="a list of task names (no empty names)")
+    every_n_steps: Optional[int] = setting(None, check=lambda v: v is None or positive_int(v),
+                                           allowed="a positive integer (null: only when training ends)")
+    limit: Optional[int] = setting(200, check=lambda v: v is None or positive_int(v),
+                                   allowed="a positive integer (items per task; null: all)")
+    batch_size: int = setting(16, check=positive_int, allowed="a positive integer")
+    include_path: List[str] = setting([], check=_task_names, allowed="a list of folders of task YAMLs")
+
+
 @dataclass
 class CallbacksConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass

@@ -147,6 +147,10 @@ def final_lines(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     lines = [f"val loss {val_loss:.4f} nats/token" if val_loss is not None else "val loss n/a"]
     if summary["val_bpb"] is not None:
         lines.append(f"val bits/byte {summary['val_bpb']:.3f} (gzip -9 on the same text: {summary['gzip_bpb']:.3f})")
+    downstream = {k.removeprefix("eval/"): v for k, v in summary.items() if k.startswith("eval/") and v is not None}
+    if downstream:
+        shown = [f"{name} {value:.3f}" for name, value in downstream.items() if not name.endswith("perplexity")]
+        lines.append(f"downstream (callbacks.eval): {', '.join(shown)}")
     if summary["tokens_per_sec"]:
         mfu = f", MFU {summary['mfu']:.1%}" if summary["mfu"] else ""
         lines.append(f"{summary['tokens_per_sec']:,.0f} tokens/s{mfu}")

@@ -275,6 +275,12 @@ def train(cfg: DictConfig) -> float | None:
         save_last=callbacks_cfg.checkpoint.save_last,
     )
     callbacks = [throughput, checkpoint, *progress_bars(trainer_cfg.enable_progress_bar)]
+    downstream = None
+    if callbacks_cfg.eval.tasks:
+        from olm.train.callbacks import DownstreamEval
+
+        downstream = DownstreamEval(callbacks_cfg.eval, throughput, cache_dir=data_cfg.cache_dir)
+        callbacks.append(downstream)
     pruning = pruning_callback(cfg)
     if pruning is not None:
         callbacks.append(pruning)
@@ -310,6 +316,8 @@ def train(cfg: DictConfig) -> float | None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if getattr(module, "last_train_loss", None) is not None:  # a validate() after fit drops the train metrics
             metrics["train/loss"] = module.last_train_loss
+        if downstream is not None:
+            metrics.update(downstream.last)
         summary = None
         if trainer.is_global_zero and pruned:  # stopped by the sweep's pruner: a record, no export or sample
             summary = {**summarize(run_dir, metrics, datamodule=datamodule, trainer=trainer, throughput=throughput,

@@ -1,0 +1,10 @@
+"""Downstream evaluation through EleutherAI's lm-evaluation-harness (the optional extra ``[eval]``).
+
+- ``olm.eval.harness``: ``OlmLM``, olm's lm-eval model type (``lm_eval --model olm``).
+- ``olm.eval.tasks``: olm's own offline tasks, built from the embedded corpus's held-out files.
+- ``olm.eval.run``: resolving task names offline, evaluating a model, one line per task (``olm eval``), and the
+  evaluator the in-loop callback reuses.
+
+Nothing here downloads: tasks read lm-eval's registry only for datasets already in the local Hugging Face cache,
+or local data files. ``olm.eval`` builds on ``olm.nn`` and ``olm.data``, not on training.
+"""
