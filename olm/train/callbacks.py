@@ -283,6 +283,7 @@ class DownstreamEval(L.Callback):
             self.throughput.pause()
         self._evaluated_at = trainer.global_step
         metrics = {}
+        started = time.perf_counter()
         if trainer.is_global_zero:
             tokenizer = trainer.datamodule.tokenizer
             lm = OlmLM(model=pl_module.model, tokenizer=tokenizer, device=str(pl_module.device),
@@ -292,5 +293,6 @@ class DownstreamEval(L.Callback):
             for logger in trainer.loggers:  # Lightning's row of optimizer step k is k - 1, as for validation
                 logger.log_metrics(metrics, step=trainer.global_step - 1)
             summary = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items())
-            logging.getLogger("olm.train").info("step %d: %s", trainer.global_step, summary)
+            logging.getLogger("olm.train").info("step %d: %s (evaluated in %.1f s)", trainer.global_step, summary,
+                                                time.perf_counter() - started)
         self.last = trainer.strategy.broadcast(metrics, src=0)
