@@ -72,7 +72,10 @@ class OlmLM(TemplateLM):
         if not self._live:
             model = model.to(self._device, _dtype(dtype, self._device))
         self.model, self.tokenizer = model, tokenizer
-        self._batch_size = int(batch_size) if str(batch_size) != "auto" else 16  # no OOM probing: fixed batches
+        if str(batch_size).startswith("auto"):  # lm-eval's hf model probes for the largest batch; olm does not
+            log.warning("batch_size=%s: olm scores fixed batches; using 16 (set batch_size=N)", batch_size)
+            batch_size = 16
+        self._batch_size = int(batch_size)
         if self._batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
         self._max_length = int(max_length or model.max_seq_len)

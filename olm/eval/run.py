@@ -94,16 +94,14 @@ def resolve_tasks(names: list[str], include_paths: list[str] | None = None, cach
             close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
             hint = f"closest: {', '.join(close)}" if close else f"olm's own tasks: {', '.join(SHIPPED_NAMES)}"
             raise ConfigError(f"{where}: task {name!r} is not known to lm-eval or olm; {hint}")
-    from lm_eval.tasks import get_task_dict
-
-    task_dict = {}
+    task_dict: dict[str, dict] = {"tasks": {}, "groups": {}, "group_map": {}}
     for name in names:  # one at a time, so that a task whose data is missing is named
         try:
-            task_dict.update(get_task_dict([name], manager))
-        except ConfigError:
-            raise
+            loaded = manager.load([name])
         except Exception as exc:
             raise _missing_data(name, _config_of(manager, name), exc) from exc
+        for part in task_dict:
+            task_dict[part].update(loaded.get(part) or {})
     return Tasks(list(names), task_dict, manager)
 
 
