@@ -121,6 +121,7 @@ def prepare(argv: list[str]) -> list[str]:
 
     planned = None
     if not args.multirun:
+        overrides = resume.on_restart(overrides)
         planned = resume.plan(overrides, lambda o: compose(o, **where))
         if planned is not None:
             if planned.finished_note:
