@@ -36,10 +36,9 @@ mkdir -p "$STATE"
 exec 9>"$STATE/lock"
 flock 9
 
-if command -v sinfo >/dev/null && [ "$(node_state)" = idle ]; then
-    log "reusing the running cluster (node $NODE idle)"
-    exit 0
-fi
+case "$(command -v sinfo >/dev/null && node_state)" in
+    idle|mix|alloc) log "reusing the running cluster (node $NODE $(node_state))"; exit 0 ;;
+esac
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     log "installing slurm-wlm and munge"

@@ -4,7 +4,7 @@
   step that all ranks agree on, and submitit's own handler (checkpoint hook, ``scontrol requeue``,
   ``max_num_timeout``) runs only once the job has stopped. Run inside the signal handler, as submitit does by
   default, it would end the process in the middle of a step, with ``summary.json`` saying ``failed``.
-- Without SLURM accounting, every poll of the jobs' states warns ``Bypassing sacct error``; it is shown once.
+- Without SLURM accounting, every poll of the jobs' states warns ``Bypassing sacct error``: olm says it once.
 
 The requeued job calls the launcher again with the same job (submitit's checkpoint hook resubmits the same
 arguments); it finds its own checkpoint and continues from it (olm.train.slurm).
@@ -18,29 +18,22 @@ from typing import Any
 
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 
-SACCT_NOISE = "Bypassing sacct error"
+log = logging.getLogger("olm")
 
 
-class _Once(logging.Filter):
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = False
+def without_accounting() -> None:
+    """On a cluster without accounting, sacct fails at every poll of the jobs' states, and submitit then warns
+    ``Bypassing sacct error`` (and sacct prints its own error) each time: say it once, and stop asking. The jobs'
+    states come from the result files they write, as they do after a failed sacct."""
+    import subprocess
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if SACCT_NOISE not in record.getMessage():
-            return True
-        if self.seen:
-            return False
-        self.seen = True
-        record.msg = f"{record.getMessage()} (shown once: the jobs' states then come from their result files)"
-        record.args = ()
-        return True
+    from submitit.slurm.slurm import SlurmJob
 
-
-def quiet_sacct() -> None:
-    logger = logging.getLogger("submitit")
-    if not any(isinstance(f, _Once) for f in logger.filters):
-        logger.addFilter(_Once())
+    try:
+        subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        log.info("SLURM accounting is off (sacct fails): the jobs' states come from their result files")
+        SlurmJob.watcher._make_command = lambda: None
 
 
 class _DeferredRequeue:
@@ -59,7 +52,7 @@ class _DeferredRequeue:
         training = signal.getsignal(signal.SIGTERM)
         if type(training).__name__ != "_HandlersCompose":  # not training (yet): nothing to lose by going now
             self.requeue()
-        logging.getLogger("olm").info("signal %s: stopping to be requeued", signal.Signals(signum).name)
+        log.info("signal %s: stopping to be requeued", signal.Signals(signum).name)
         training(signal.SIGTERM, frame)  # Lightning's handler, also olm's: all ranks stop at the next check
 
     def requeue(self) -> None:
@@ -69,7 +62,7 @@ class _DeferredRequeue:
 
 class OlmSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides, initial_job_idx: int):
-        quiet_sacct()
+        without_accounting()
         return super().launch(job_overrides, initial_job_idx)
 
     def __call__(self, *args: Any, **kwargs: Any):
