@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine, for olm's `slurm` tests and for trying hydra/launcher=slurm: installs
-# Debian's slurm-wlm and munge where missing, writes a minimal slurm.conf for this machine's cores and memory
-# (no cgroups, no accounting), starts munged, slurmctld and slurmd, and waits until the node is idle.
-# Needs root. Idempotent: a cluster that already answers is reused; concurrent calls wait for each other.
+# A one-node SLURM cluster on this machine, for olm's `slurm` tests and for trying hydra/launcher=slurm:
+# installs Debian's slurm-wlm and munge where missing, writes a minimal slurm.conf for this machine's cores
+# and memory (no cgroups, no accounting), starts munged, slurmctld and slurmd, and waits until the node is
+# idle. Needs root. Idempotent: a cluster that already answers is reused; concurrent calls wait for each
+# other.
 #   bash scripts/slurm-cluster.sh          start (or reuse) the cluster
 #   bash scripts/slurm-cluster.sh stop     stop the daemons this script started
 set -euo pipefail

@@ -262,7 +262,7 @@ def launcher(overrides):
     return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
 
 
-def test_the_slurm_preset_takes_its_size_from_the_trainer():
+def test_the_slurm_preset_takes_its_size_from_the_trainer(monkeypatch, capsys):
     cpu = launcher(["trainer=ddp_cpu"])
     assert (cpu["nodes"], cpu["tasks_per_node"], cpu["gpus_per_node"], cpu["cpus_per_task"]) == (1, 2, None, 1)
     gpu = launcher(["trainer=ddp", "trainer.num_nodes=2", "trainer.devices=8", "data.num_workers=3",
@@ -276,6 +276,14 @@ def test_the_slurm_preset_takes_its_size_from_the_trainer():
     with pytest.raises(Exception) as info:
         launcher([])  # accelerator=auto: GPUs or not?
     assert "trainer.accelerator='auto': under hydra/launcher=slurm" in str(info.value)
+    from olm.train import cli
+
+    monkeypatch.setattr(sys, "argv", ["olm-train", "-m", "hydra/launcher=slurm", "trainer=ddp", "optim.lr=1e-3,3e-3"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()  # checked before anything is submitted: one line, exit 2
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: trainer.devices=-1: under hydra/launcher=slurm it is the number of tasks per node")
 
 
 def test_a_restart_continues_only_its_own_run(tmp_path, monkeypatch, capsys):

@@ -1,7 +1,7 @@
 """olm's SLURM launcher (``hydra/launcher=slurm``): hydra-submitit-launcher's, with two changes.
 
-- submitit's requeue signal (``USR2``, ``signal_delay_s`` before the time limit) stops olm as a SIGTERM does, at a
-  step that all ranks agree on, and submitit's own handler (checkpoint hook, ``scontrol requeue``,
+- submitit's requeue signal (``USR2``, ``signal_delay_s`` before the time limit) stops olm as a SIGTERM does,
+  at a step that all ranks agree on, and submitit's own handler (checkpoint hook, ``scontrol requeue``,
   ``max_num_timeout``) runs only once the job has stopped. Run inside the signal handler, as submitit does by
   default, it would end the process in the middle of a step, with ``summary.json`` saying ``failed``.
 - Without SLURM accounting, every poll of the jobs' states warns ``Bypassing sacct error``: olm says it once.
@@ -23,8 +23,8 @@ log = logging.getLogger("olm")
 
 def without_accounting() -> None:
     """On a cluster without accounting, sacct fails at every poll of the jobs' states, and submitit then warns
-    ``Bypassing sacct error`` (and sacct prints its own error) each time: say it once, and stop asking. The jobs'
-    states come from the result files they write, as they do after a failed sacct."""
+    ``Bypassing sacct error`` (and sacct prints its own error) each time: say it once, and stop asking. The
+    jobs' states come from the result files they write, as they do after a failed sacct."""
     import subprocess
 
     from submitit.slurm.slurm import SlurmJob
@@ -57,7 +57,7 @@ class _DeferredRequeue:
 
     def requeue(self) -> None:
         if callable(self.submitit_handler):
-            self.submitit_handler(self.signum, None)  # exits (rank 0 after requeueing, the other ranks return)
+            self.submitit_handler(self.signum, None)  # rank 0 requeues and exits; the other ranks return
 
 
 class OlmSlurmLauncher(SlurmLauncher):

@@ -10,7 +10,8 @@ Resume rules (``resume=auto`` or ``ckpt_path``): the checkpoint must hold the sa
 one ConfigError naming the differing keys, before anything is written); a run dir whose record exists but holds no
 checkpoint is refused instead of silently started over; ``config.yaml`` and ``summary.json`` of a resumed run are
 replaced only when the resumed run finishes. A fresh run never starts over a run dir that holds checkpoints or a
-finished run.
+finished run; a restarted SLURM job or torchrun worker group on a run dir holding its own checkpoint continues from it
+(olm.train.slurm).
 """
 
 from __future__ import annotations
