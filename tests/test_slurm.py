@@ -198,30 +198,39 @@ def test_a_ddp_job_runs_as_two_srun_tasks(cluster, tmp_path, pause_dir):
 
 @pytest.mark.slurm
 def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_run(cluster, tmp_path, pause_dir):
-    """Job 1 is requeued (``scontrol requeue``, as a preemption does) right after its step-10 checkpoint; job 0,
-    the same config, runs through. The requeued job continues from step 10 and ends with job 0's val loss and
-    per-step losses (one thread each, so equal to float rounding: 1e-6), no step logged twice."""
+    """Right after their step-10 checkpoint, job 1 is requeued by ``scontrol requeue`` (as a preemption is) and
+    job 2 gets submitit's USR2 (as before the time limit: submitit requeues it once olm has stopped); job 0, the
+    same config, runs through. Both continue from step 10 and end with job 0's val loss and per-step losses (one
+    thread each, so equal up to float rounding: 1e-6), no step logged twice."""
     sweep = tmp_path / "sweep"
-    proc = submit(["name=uninterrupted,preempted"], sweep, tmp_path / "cache", pause_dir, pause="1")
+    proc = submit(["name=uninterrupted,preempted,timed_out"], sweep, tmp_path / "cache", pause_dir, pause="1,2")
     wait_for(sweep / "1" / "paused", proc)
-    job = slurm_job(sweep, 1)
-    subprocess.run(["scontrol", "requeue", job], check=True)
+    wait_for(sweep / "2" / "paused", proc)
+    jobs = [slurm_job(sweep, 1), slurm_job(sweep, 2)]
+    subprocess.run(["scontrol", "requeue", jobs[0]], check=True)
+    subprocess.run(["scancel", "--signal=USR2", jobs[1]], check=True)
+    time.sleep(1)
     deadline = time.time() + 120
-    while squeue_state(job) != "RUNNING":  # SLURM holds a requeued job for a while (BeginTime): start it now
-        assert time.time() < deadline, squeue_state(job)
-        if squeue_state(job) == "PENDING":
-            subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], capture_output=True)
+    while {squeue_state(job) for job in jobs} - {"RUNNING", ""}:
+        assert time.time() < deadline, [squeue_state(job) for job in jobs]
+        for job in jobs:  # SLURM holds a requeued job for a while (its BeginTime): start it now
+            if squeue_state(job) == "PENDING":
+                subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], capture_output=True)
         time.sleep(0.5)
     finish(proc, sweep)
-    reference, preempted = summary(sweep / "0"), summary(sweep / "1")
-    assert preempted["status"] == "finished" and preempted["steps"] == 20
-    assert preempted["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-6)
-    steps = logged_steps(sweep / "1")
-    assert [s for s, _ in steps] == [4, 9, 14, 19]
-    assert [loss for _, loss in steps] == pytest.approx([loss for _, loss in logged_steps(sweep / "0")], abs=1e-6)
-    log = (sweep / "1" / "train.log").read_text()
-    assert "stopped by SIGTERM" in log and "SLURM_RESTART_COUNT=1: a restarted job continues its own run" in log
-    assert "continuing from step 10" in log
+    reference = summary(sweep / "0")
+    reference_losses = [loss for _, loss in logged_steps(sweep / "0")]
+    for job, restarted_by in ((1, "SIGTERM"), (2, "signal SIGUSR2: stopping to be requeued")):
+        run = summary(sweep / str(job))
+        assert run["status"] == "finished" and run["steps"] == 20
+        assert run["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-6)
+        steps = logged_steps(sweep / str(job))
+        assert [s for s, _ in steps] == [4, 9, 14, 19]
+        assert [loss for _, loss in steps] == pytest.approx(reference_losses, abs=1e-6)
+        log = (sweep / str(job) / "train.log").read_text()
+        assert restarted_by in log and "stopped by SIGTERM" in log
+        assert "SLURM_RESTART_COUNT=1: a restarted job continues its own run" in log
+        assert "continuing from step 10" in log
 
 
 @pytest.mark.slurm
