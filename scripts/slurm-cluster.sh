@@ -82,7 +82,8 @@ KillWait=30
 MinJobAge=30
 SchedulerParameters=sched_interval=1
 NodeName=$NODE CPUs=$cpus RealMemory=$memory State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# Jobs may share cores (up to 4 per core): a small job paused in a test, or waiting on I/O, holds no core idle.
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
 
 if [ ! -s /etc/munge/munge.key ]; then

@@ -196,17 +196,35 @@ def test_a_ddp_job_runs_as_two_srun_tasks(cluster, tmp_path, pause_dir):
     assert tasks == [f"{job}_0_log.out", f"{job}_1_log.out"]  # two srun tasks, one per rank
 
 
+def uninterrupted_run(tmp_path: Path) -> Path:
+    """The jobs' config (+experiment=smoke) trained here without a break, on one thread as the jobs are."""
+    import torch
+
+    from olm.train.compose import compose as compose_run
+    from olm.train.run import train
+
+    run_dir = tmp_path / "uninterrupted"
+    threads = torch.get_num_threads()
+    try:
+        train(compose_run(["+experiment=smoke", "cpu_threads=1", f"paths.output_dir={run_dir}",
+                           f"paths.cache_dir={tmp_path / 'cache'}"]))
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir
+
+
 @pytest.mark.slurm
 def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_run(cluster, tmp_path, pause_dir):
     """Right after their step-10 checkpoint, job 1 is requeued by ``scontrol requeue`` (as a preemption is) and
-    job 2 gets submitit's USR2 (as before the time limit: submitit requeues it once olm has stopped); job 0, the
-    same config, runs through. Both continue from step 10 and end with job 0's val loss and per-step losses (one
-    thread each, so equal up to float rounding: 1e-6), no step logged twice."""
+    job 2 gets submitit's USR2 (as before the time limit: submitit requeues it once olm has stopped). Both
+    continue from step 10 and end with the val loss and per-step losses of the same config run through here, in
+    this process (one thread each, so equal up to float rounding: 1e-6), no step logged twice."""
     sweep = tmp_path / "sweep"
-    proc = submit(["name=uninterrupted,preempted,timed_out"], sweep, tmp_path / "cache", pause_dir, pause="1,2")
+    proc = submit(["name=preempted,timed_out"], sweep, tmp_path / "cache", pause_dir, pause="0,1")
+    reference_dir = uninterrupted_run(tmp_path)
+    wait_for(sweep / "0" / "paused", proc)
     wait_for(sweep / "1" / "paused", proc)
-    wait_for(sweep / "2" / "paused", proc)
-    jobs = [slurm_job(sweep, 1), slurm_job(sweep, 2)]
+    jobs = [slurm_job(sweep, 0), slurm_job(sweep, 1)]
     subprocess.run(["scontrol", "requeue", jobs[0]], check=True)
     subprocess.run(["scancel", "--signal=USR2", jobs[1]], check=True)
     time.sleep(1)
@@ -218,9 +236,9 @@ def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_run(cluster, t
                 subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], capture_output=True)
         time.sleep(0.5)
     finish(proc, sweep)
-    reference = summary(sweep / "0")
-    reference_losses = [loss for _, loss in logged_steps(sweep / "0")]
-    for job, restarted_by in ((1, "SIGTERM"), (2, "signal SIGUSR2: stopping to be requeued")):
+    reference = summary(reference_dir)
+    reference_losses = [loss for _, loss in logged_steps(reference_dir)]
+    for job, restarted_by in ((0, "SIGTERM"), (1, "signal SIGUSR2: stopping to be requeued")):
         run = summary(sweep / str(job))
         assert run["status"] == "finished" and run["steps"] == 20
         assert run["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-6)
