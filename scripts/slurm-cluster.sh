@@ -57,7 +57,8 @@ mkdir -p /etc/slurm "$STATE/ctld" "$STATE/d" /var/log/slurm /run/munge
 cat >"$CONF" <<EOF
 # Written by olm's scripts/slurm-cluster.sh: one node, no cgroups, no accounting.
 ClusterName=olm
-SlurmctldHost=$NODE
+# Addressed over loopback: nothing of the cluster depends on the machine's name resolving or on its network.
+SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -81,7 +82,7 @@ JobRequeue=1
 KillWait=30
 MinJobAge=30
 SchedulerParameters=sched_interval=1
-NodeName=$NODE CPUs=$cpus RealMemory=$memory State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 # Jobs may share cores (up to 4 per core): a small job paused in a test, or waiting on I/O, holds no core idle.
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
