@@ -214,6 +214,7 @@ def uninterrupted_run(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slurm
+@pytest.mark.slow  # the slowest of them: three job starts and an uninterrupted run
 def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_run(cluster, tmp_path, pause_dir):
     """Right after their step-10 checkpoint, job 1 is requeued by ``scontrol requeue`` (as a preemption is) and
     job 2 gets submitit's USR2 (as before the time limit: submitit requeues it once olm has stopped). Both
