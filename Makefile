@@ -30,7 +30,11 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/olm-train $(ARGS)
 
+# As root, a one-node SLURM cluster for the tests marked `slurm` (scripts/slurm-cluster.sh), started in the background
+# so that its installation overlaps the first tests; they wait for it. Elsewhere those tests skip, saying why.
 test: $(STAMP)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		mkdir -p .cache; bash scripts/slurm-cluster.sh >.cache/slurm-cluster.log 2>&1 & fi
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -121,6 +121,7 @@ def prepare(argv: list[str]) -> list[str]:
 
     planned = None
     if not args.multirun:
+        overrides = resume.on_restart(overrides)
         planned = resume.plan(overrides, lambda o: compose(o, **where))
         if planned is not None:
             if planned.finished_note:
@@ -172,8 +173,14 @@ def prepare(argv: list[str]) -> list[str]:
 
 
 def _check_launcher(cfg: DictConfig) -> None:
-    """olm's parallel launcher: its slot settings, before the sweep starts."""
+    """olm's parallel launcher: its slot settings; the SLURM launcher: the allocation it derives from the trainer
+    (olm.train.slurm); before the sweep starts."""
     launcher = cfg.hydra.launcher
+    if str(launcher.get("_target_", "")).endswith("OlmSlurmLauncher"):
+        from omegaconf import OmegaConf
+
+        OmegaConf.to_container(launcher, resolve=True)
+        return
     if not str(launcher.get("_target_", "")).endswith("ParallelLauncher"):
         return
     from olm.train.sweeps import job_slots

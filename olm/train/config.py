@@ -437,9 +437,11 @@ def _parameters(key: str, model: dict) -> int:
 
 def register_resolvers() -> None:
     from olm.data.tokenizers import default_cache_dir
+    from olm.train import slurm
 
     resolvers = (("olm.cache_dir", default_cache_dir), ("olm.vocab_size", _vocab_size), ("olm.run_name", run_name),
-                 ("olm.output_dir", output_dir), ("olm.variant", variant_name), ("olm.steps", ladder_steps))
+                 ("olm.output_dir", output_dir), ("olm.variant", variant_name), ("olm.steps", ladder_steps),
+                 *slurm.resolvers())
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -68,6 +68,19 @@ def merge_overrides(saved: list[str], new: list[str]) -> list[str]:
     return list(merged.values())
 
 
+def on_restart(overrides: list[str]) -> list[str]:
+    """``overrides`` with ``resume=auto`` when this is a restarted SLURM job or torchrun worker (olm.train.slurm)
+    on a ``hydra.run.dir`` that holds a checkpoint: it continues its own run, composed from that run's overrides."""
+    from olm.train.slurm import restart
+
+    run_dir = requested_run_dir([*overrides, "resume=auto"])
+    if restart() is None or run_dir is None or any(_key(o) in ("resume", "ckpt_path") for o in overrides):
+        return overrides
+    if checkpoint_step(run_dir) is None:
+        return overrides
+    return [*overrides, "resume=auto"]
+
+
 def plan(overrides: list[str], compose) -> ResumePlan | None:
     """The resumed job for ``overrides``, or None when they do not resume an existing run (a fresh run, or
     ``resume=auto`` on a run dir that holds no run yet). ``compose(overrides)`` composes a config as olm-train would."""

@@ -10,7 +10,8 @@ Resume rules (``resume=auto`` or ``ckpt_path``): the checkpoint must hold the sa
 one ConfigError naming the differing keys, before anything is written); a run dir whose record exists but holds no
 checkpoint is refused instead of silently started over; ``config.yaml`` and ``summary.json`` of a resumed run are
 replaced only when the resumed run finishes. A fresh run never starts over a run dir that holds checkpoints or a
-finished run.
+finished run; a restarted SLURM job or torchrun worker group on a run dir holding its own checkpoint continues from it
+(olm.train.slurm).
 """
 
 from __future__ import annotations
@@ -133,6 +134,12 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         return str(path)
     latest = latest_checkpoint(run_dir)
     if cfg.resume != "auto":
+        from olm.train.slurm import check_own_run, restart
+
+        if restart() and latest is not None:  # a requeued SLURM job, a torchrun restart: it goes on
+            check_own_run(run_dir, cfg)
+            log.info("%s: a restarted job continues its own run from %s", restart(), latest)
+            return str(latest)
         refuse_fresh_start(run_dir)
         return None
     if latest is None and has_record(run_dir):
@@ -202,7 +209,23 @@ def trainer_arguments(trainer: TrainerConfig, run_dir: Path) -> dict[str, Any]:
     arguments["precision"] = precision(trainer.precision)
     arguments["enable_progress_bar"] = trainer.enable_progress_bar is not False  # olm's own bar (progress_bars)
     arguments["strategy"] = resolve_strategy(trainer.strategy, trainer.accelerator)
+    arguments["plugins"] = cluster_plugins()
     return arguments
+
+
+def cluster_plugins() -> list:
+    """Lightning's SLURM environment without its own requeue: on SIGUSR1 it would write ``hpc_ckpt_*.ckpt`` files
+    that olm's resume does not read and requeue the job beside submitit; a requeued job continues from olm's
+    checkpoints instead (olm.train.slurm)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def first_process() -> bool:
+    """Whether this is the job's first process (rank 0): olm's own child ranks have LOCAL_RANK, srun's tasks
+    SLURM_PROCID."""
+    return all(int(os.environ.get(key) or 0) == 0 for key in ("LOCAL_RANK", "SLURM_PROCID"))
 
 
 def validation_steps(trainer: TrainerConfig) -> int:
@@ -252,7 +275,7 @@ def train(cfg: DictConfig) -> float | None:
         check_same_model(meta, module.model, ckpt_path)
     num_params = module.model.num_parameters()
     continuing = has_record(run_dir)  # this run dir's own run goes on: its record is replaced once it finishes
-    if not continuing and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    if not continuing and first_process():
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         if datamodule.tokenizer is not None:  # beside the checkpoints: `olm generate` works before any export
             datamodule.tokenizer.save(run_dir / "tokenizer")

@@ -179,12 +179,15 @@ def processes_on_this_machine(devices: Any) -> int:
 
 def cpu_threads(requested: int | None, processes_on_this_machine: int) -> int:
     """Threads per training process on the CPU: ``requested`` (``cpu_threads``), else ``OMP_NUM_THREADS`` when
-    set, else the cores this process may use divided among the job's processes on this machine and the jobs that
-    olm's parallel launcher runs beside it (at least 1), so that no job oversubscribes the cores."""
+    set, else SLURM's cores per task in a SLURM job, else the cores this process may use divided among the job's
+    processes on this machine and the jobs that olm's parallel launcher runs beside it (at least 1), so that no job
+    oversubscribes the cores."""
     if requested is not None:
         return requested
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():  # each srun task is one training process
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     concurrent = int(os.environ.get("OLM_CONCURRENT_JOBS", "1") or 1)
     return max(1, cores // max(1, processes_on_this_machine * concurrent))
