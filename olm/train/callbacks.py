@@ -261,8 +261,11 @@ class DownstreamEval(L.Callback):
         from olm.eval.run import resolve_tasks
 
         if trainer.is_global_zero:
+            started = time.perf_counter()
             self.tasks = resolve_tasks(list(self.config.tasks), list(self.config.include_path), self.cache_dir,
                                        where="callbacks.eval.tasks")
+            logging.getLogger("olm.train").info("callbacks.eval: %s ready in %.1f s", ", ".join(self.tasks.names),
+                                                time.perf_counter() - started)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         every = self.config.every_n_steps
