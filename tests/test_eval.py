@@ -180,12 +180,12 @@ def test_bad_task_names_and_missing_data_are_one_line(tmp_path, capsys):
         assert err_line.startswith(message) and "\n" not in err_line
 
 
-# A small model on BPE-1024 tokens: after 300 steps it is well above chance on olm_next_line (about 0.33).
+# A small model on BPE-1024 tokens: after 200 steps it is well above chance on olm_next_line (about 0.31).
 TRAIN = ["model=lm_tiny", "model.embed_dim=64", "model.num_heads=4", "data.tokenizer=bpe",
          "data.tokenizer_vocab_size=1024", "data.seq_len=128", "data.batch_size=16", "data.val_batches=2",
-         "trainer=cpu", "trainer.val_check_interval=150", "trainer.log_every_n_steps=50", "optim.lr=3e-3",
+         "trainer=cpu", "trainer.val_check_interval=100", "trainer.log_every_n_steps=50", "optim.lr=6e-3",
          "trainer.enable_progress_bar=false", "sample.max_new_tokens=0", "logger=wandb",
-         "callbacks.eval.tasks=[olm_next_line,olm_identifier]", "callbacks.eval.every_n_steps=150",
+         "callbacks.eval.tasks=[olm_next_line,olm_identifier]", "callbacks.eval.every_n_steps=100",
          "callbacks.eval.limit=1000"]
 
 
@@ -203,25 +203,25 @@ def test_in_loop_eval_logs_resumes_and_a_trained_model_beats_chance(tmp_path):
     from wandb_records import summarize
 
     run_dir = tmp_path / "run"
-    _train(["trainer.max_steps=150", "scheduler.total_steps=300", f"hydra.run.dir={run_dir}"], tmp_path / "cache")
-    proc = _train(["resume=auto", f"hydra.run.dir={run_dir}", "trainer.max_steps=300"], tmp_path / "cache")
+    _train(["trainer.max_steps=100", "scheduler.total_steps=200", f"hydra.run.dir={run_dir}"], tmp_path / "cache")
+    proc = _train(["resume=auto", f"hydra.run.dir={run_dir}", "trainer.max_steps=200"], tmp_path / "cache")
     assert "downstream (callbacks.eval): olm_identifier/acc " in proc.stdout
 
     with open(run_dir / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("eval/olm_next_line/acc_norm")]
-    # Each once (the resumed run continued at 300), in the rows of its step's validation (Lightning's step - 1).
-    assert [int(r["step"]) for r in rows] == [149, 299]
+    # Each once (the resumed run continued at 200), in the rows of its step's validation (Lightning's step - 1).
+    assert [int(r["step"]) for r in rows] == [99, 199]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval/olm_next_line/acc_norm"] == pytest.approx(float(rows[-1]["eval/olm_next_line/acc_norm"]))
     assert summary["eval/olm_identifier/acc"] == pytest.approx(float(rows[-1]["eval/olm_identifier/acc"]))
 
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     history = [h for f in files for h in summarize(f)["history"] if "eval/olm_next_line/acc_norm" in h]
-    assert [h["trainer/global_step"] for h in history] == [149, 299]
+    assert [h["trainer/global_step"] for h in history] == [99, 199]
 
-    # 300 steps: the next-line task above chance (1/4) on its 1000 items, far beyond the noise of a guess.
+    # 200 steps: the next-line task above chance (1/4) on its 1000 items, beyond the noise of a guess.
     correct = round(summary["eval/olm_next_line/acc_norm"] * 1000)
-    assert binomtest(correct, 1000, 0.25, alternative="greater").pvalue < 1e-4, summary
+    assert binomtest(correct, 1000, 0.25, alternative="greater").pvalue < 1e-3, summary
 
     # `olm eval` on the run dir (its exported model) gives the callback's final number.
     out = tmp_path / "eval.json"

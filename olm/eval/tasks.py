@@ -4,8 +4,9 @@ metric with nothing to download.
 The items come from the stdlib files in the val split at ``val_fraction=0.05`` (the default): files no default run
 trains on, and held out at any larger ``data.val_fraction`` too (a file in the val split at 0.05 stays there).
 They are written as lm-eval task YAMLs over local JSONL files (``dataset_path: json`` with ``data_files``) under
-``<cache dir>/eval-tasks/<key>/``, the key hashing the corpus and the recipe, and are rebuilt only when either
-changes. Every choice below is seeded by the file names and line numbers, never by a random state.
+``<cache dir>/eval-tasks/<key>/``, the key hashing the corpus and this module's source (the recipe), so they are
+rebuilt only when either changes. Every choice below is seeded by the file names and line numbers, never by a
+random state.
 
 - ``olm_next_line`` (multiple choice, 4 options; chance 25%): the 3 to 8 lines before a line of a source file; the
   options are the true next line and three lines drawn from other held-out files. ``acc`` compares summed
@@ -28,7 +29,7 @@ import os
 import re
 from pathlib import Path
 
-RECIPE_VERSION = 4
+RECIPE_VERSION = 4  # lm-eval's task version in the YAMLs; bump when the items change meaning
 VAL_FRACTION = 0.05
 ITEMS = 1000  # per task; --limit picks the first N, which are spread over all held-out files
 SHIPPED = ("olm_next_line", "olm_identifier")
@@ -171,7 +172,8 @@ def shipped_tasks_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     from olm.data.tokenizers import default_cache_dir
 
     corpus = StdlibCorpus(VAL_FRACTION)
-    key = hashlib.sha1(f"{corpus.fingerprint()}-{RECIPE_VERSION}-{ITEMS}".encode()).hexdigest()[:16]
+    recipe = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()  # any edit of this recipe rebuilds the items
+    key = hashlib.sha1(f"{corpus.fingerprint()}-{recipe}-{ITEMS}".encode()).hexdigest()[:16]
     folder = Path(cache_dir or default_cache_dir()) / "eval-tasks" / key
     done = folder / "olm.yaml"
     if done.is_file():
