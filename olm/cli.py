@@ -259,11 +259,11 @@ def _check_eval_args(args) -> None:
 
 def cmd_eval(args) -> int:
     _check_eval_args(args)
-    try:
-        from olm.eval.run import go_offline
-    except ImportError as exc:  # pragma: no cover - the extra is installed by make test
-        raise ConfigError(f"olm eval needs lm-eval: pip install 'olm[eval]' ({exc})") from exc
-    go_offline()
+    from olm.eval import require_lm_eval
+    from olm.eval.run import go_offline
+
+    require_lm_eval("olm eval")
+    go_offline()  # before lm-eval and datasets are imported
     from olm.eval.harness import OlmLM
     from olm.eval.run import evaluate, flat_metrics, resolve_tasks, summary_lines
 

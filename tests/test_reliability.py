@@ -35,6 +35,7 @@ from olm.train.compose import compose as compose_run_config
 from olm.train.outcome import one_line_error
 from olm.train.run import train
 from olm.train.checkpoint import load_checkpoint
+from post_import import after_import
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=lm_tiny", "data.tokenizer=byte", "data.seq_len=32", "data.batch_size=8", "data.val_batches=2",
@@ -90,29 +91,10 @@ def patch(module):
     pl.Trainer.save_checkpoint = slow_save
 
 
-class PatchAfterImport(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "olm.train.module":
-            return None
-        for finder in sys.meta_path:
-            if finder is not self and hasattr(finder, "find_spec"):
-                spec = finder.find_spec(name, path, target)
-                if spec is not None:
-                    break
-        else:
-            return None
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            patch(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
+''' + after_import('olm.train.module') + '''
 
 if SPEC:
-    sys.meta_path.insert(0, PatchAfterImport())
+    sys.meta_path.insert(0, AfterImport())
 '''
 
 

@@ -24,6 +24,7 @@ from hydra import compose, initialize_config_dir
 
 from olm.errors import ConfigError
 from olm.train.config import register_configs
+from post_import import after_import
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "olm" / "conf"
@@ -52,25 +53,7 @@ def patch(callbacks):
     callbacks.AtomicModelCheckpoint._save_checkpoint = save_then_pause
 
 
-class AfterImport(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "olm.train.callbacks":
-            return None
-        for finder in sys.meta_path:
-            spec = finder.find_spec(name, path, target) if finder is not self and hasattr(finder, "find_spec") else None
-            if spec is not None:
-                break
-        else:
-            return None
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            patch(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
+''' + after_import('olm.train.callbacks') + '''
 
 if JOBS != [""]:
     sys.meta_path.insert(0, AfterImport())

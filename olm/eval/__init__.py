@@ -8,3 +8,13 @@
 Nothing here downloads: tasks read lm-eval's registry only for datasets already in the local Hugging Face cache,
 or local data files. ``olm.eval`` builds on ``olm.nn`` and ``olm.data``, not on training.
 """
+
+from olm.errors import ConfigError
+
+
+def require_lm_eval(what: str, alternative: str = "") -> None:
+    """One line naming ``what`` needs lm-eval, where it is not installed (olm installs without the extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(f"{what} needs lm-eval: pip install 'olm[eval]'{alternative}")

@@ -131,12 +131,10 @@ def _check_eval(cfg: DictConfig) -> None:
     tasks = list(cfg.callbacks.eval.tasks)
     if not tasks:
         return
-    import importlib.util
-
-    if importlib.util.find_spec("lm_eval") is None:
-        raise ConfigError(f"callbacks.eval.tasks={tasks} needs lm-eval: pip install 'olm[eval]' "
-                          "(or callbacks.eval.tasks=[] for no downstream evaluation)")
+    from olm.eval import require_lm_eval
     from olm.eval.tasks import GROUP, SHIPPED
+
+    require_lm_eval(f"callbacks.eval.tasks={tasks}", " (or callbacks.eval.tasks=[] for no downstream evaluation)")
 
     shipped = (*SHIPPED, GROUP)
     for name in tasks:
