@@ -18,3 +18,13 @@ TINY = dict(vocab_size=64, embed_dim=32, num_heads=4, num_layers=2, max_seq_len=
 @pytest.fixture
 def tiny_cfg():
     return dict(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _no_hydra_config_left_behind():
+    """compose(return_hydra_config=True) sets Hydra's process-wide HydraConfig, as Hydra does for a job; a test
+    that composed a multirun config must not make a later test in the same worker look like a sweep job."""
+    yield
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None
