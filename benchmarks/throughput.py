@@ -52,10 +52,10 @@ def model_config(preset: str, vocab_size: int, seq_len: int, overrides: list[str
 
 
 def make_module(model_cfg: dict, args, compile: bool):
-    from olm.train.config import OptimConfig, SchedulerConfig, speed_config
+    from olm.train.config import AdamWConfig, SchedulerConfig, speed_config
     from olm.train.module import LMModule
 
-    optim = OptimConfig(lr=6e-4, weight_decay=0.1, betas=[0.9, 0.95], fused=True)  # fused AdamW on GPU and CPU
+    optim = AdamWConfig(lr=6e-4, weight_decay=0.1, betas=[0.9, 0.95], fused=True)  # fused AdamW on GPU and CPU
     speed = speed_config(dict(
         compile=compile, fused_loss=args.fused_loss, activation_checkpointing=args.activation_checkpointing,
         attention_backend=args.attention_backend, compile_mode=args.compile_mode, compile_scope=args.compile_scope,
@@ -174,10 +174,11 @@ def hf_loop(model_cfg, batch_size, args) -> dict:
     embeddings, as olm), bf16 autocast, clipping; with --compile, forward and loss compiled as one function."""
     import torch.nn.functional as F
 
+    from olm.train.config import AdamWConfig
     from olm.train.optim import parameter_groups
 
     model = hf_model(model_cfg).to(args.device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95),
+    optimizer = torch.optim.AdamW(parameter_groups(model, AdamWConfig(weight_decay=0.1)), lr=6e-4, betas=(0.9, 0.95),
                                   fused=args.device == "cuda" or None)
 
     def loss_of(x, y):

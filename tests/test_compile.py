@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from olm.errors import ConfigError
-from olm.train.config import OptimConfig, SchedulerConfig, speed_config
+from olm.train.config import AdamWConfig, SchedulerConfig, speed_config
 from olm.train.module import LMModule
 from olm.train.speed import inductor_options
 from olm.train.strategies import resolve_strategy
@@ -18,7 +18,7 @@ CFG = {"name": "lm", "vocab_size": 64, "embed_dim": 32, "num_heads": 2, "num_lay
 
 
 def module(**kwargs):
-    return LMModule(CFG, OptimConfig(lr=1e-3), SchedulerConfig(name="constant", warmup_steps=0),
+    return LMModule(CFG, AdamWConfig(lr=1e-3), SchedulerConfig(name="constant", warmup_steps=0),
                     speed_config({"fused_loss": False, **kwargs}), max_steps=10, log_every_n_steps=10)
 
 

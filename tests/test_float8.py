@@ -13,7 +13,7 @@ import torch
 
 from olm.errors import ConfigError
 import olm.train.module
-from olm.train.config import OptimConfig, SchedulerConfig, speed_config
+from olm.train.config import AdamWConfig, SchedulerConfig, speed_config
 from olm.train.module import LMModule
 from olm.train.speed import convert_to_float8
 
@@ -24,7 +24,7 @@ CFG = {"name": "lm", "vocab_size": 64, "embed_dim": 32, "num_heads": 2, "num_lay
 
 
 def module(cfg=CFG, **kwargs):
-    return LMModule(cfg, OptimConfig(lr=1e-3), SchedulerConfig(name="constant", warmup_steps=0),
+    return LMModule(cfg, AdamWConfig(lr=1e-3), SchedulerConfig(name="constant", warmup_steps=0),
                     speed_config({"fused_loss": False, **kwargs}), max_steps=10, log_every_n_steps=10)
 
 

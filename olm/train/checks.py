@@ -9,6 +9,8 @@ and what a config may make Hydra instantiate.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from typing import Any
 
 import torch
@@ -49,8 +51,10 @@ def _check_run(cfg: DictConfig, model: bool, memory: bool, dry_run: bool = False
     _check_between_keys(cfg, dry_run)
     if "hydra" in cfg:
         check_hydra_targets(cfg)
+    _check_optim(cfg)
     if model:
         built = build_on_meta(cfg)
+        check_optimizer_fits(cfg, built)
         if memory:
             check_memory(cfg, built)
 
@@ -123,6 +127,39 @@ def _check_between_keys(cfg: DictConfig, dry_run: bool = False) -> None:
     max_seq_len = cfg.model.get("max_seq_len")  # the model kind's own key, if it has one
     if isinstance(max_seq_len, int) and cfg.data.seq_len > max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={max_seq_len}")
+
+
+def _strategy_name(strategy: Any) -> str:
+    return str(strategy.get("name") if isinstance(strategy, DictConfig) else strategy)
+
+
+def _check_optim(cfg: DictConfig) -> None:
+    """The optimizer: picked as a group (its schema is the node's type), its package installed, and the strategy
+    and parametrization it can work with."""
+    from olm.train.config import optimizer_schema
+
+    name = cfg.optim.name
+    schema = optimizer_schema(name)
+    node_type = OmegaConf.get_type(cfg.optim)
+    if dataclasses.is_dataclass(node_type) and node_type is not schema:
+        raise ConfigError(f"optim.name={name!r} does not match the optimizer group's keys "
+                          f"({getattr(node_type, 'component_name', node_type.__name__)}): pick it with optim={name}")
+    if name == "muon" and _strategy_name(cfg.trainer.strategy).startswith("fsdp"):
+        raise ConfigError("optim=muon does not work with trainer.strategy=fsdp: Muon orthogonalises whole matrices "
+                          "and FSDP shards them; use trainer=ddp, or optim=adamw/lion/sgd with FSDP")
+    if name == "lion" and importlib.util.find_spec("lion_pytorch") is None:
+        raise ConfigError("optim=lion needs the lion-pytorch package: pip install 'olm[optim]' (or lion-pytorch)")
+    if name == "sgd" and cfg.model.get("parametrization") == "mup":
+        raise ConfigError("model.parametrization=mup works with optim=adamw, lion or muon (muP's learning-rate "
+                          "rules for SGD differ and are not implemented); optim=sgd needs parametrization=standard")
+
+
+def check_optimizer_fits(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """Muon needs the model's blocks to hold 2-D matrices."""
+    from olm.train.optim import muon_matrices, parameter_roles
+
+    if cfg.optim.name == "muon":
+        muon_matrices(parameter_roles(model)["hidden"])
 
 
 def _check_eval(cfg: DictConfig) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from olm.errors import ConfigError, did_you_mean, first_line
+from olm.registry import register
 
 # torch.compile modes olm's training step supports. The CUDA-graph modes (reduce-overhead, max-autotune) are refused:
 # the profiled step keeps the GPU 98% busy, so graphs could win at most ~2%, and they break on tied embeddings.
@@ -33,7 +34,6 @@ SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 # torchao's FP8 training recipes (dynamic scaling): one scale per tensor, or per row (finer, slower kernels).
 FLOAT8_RECIPES = ("tensorwise", "rowwise")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
-OPTIMIZERS = ("adamw",)
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("auto", "online", "offline")
 # Lightning's precision names, plus olm's "auto" (bf16-mixed on a GPU with bf16, 32-true otherwise).
@@ -166,18 +166,110 @@ class TrainerConfig:
     detect_anomaly: bool = False
 
 
-@dataclass
-class OptimConfig:
-    """AdamW; weight decay on weight matrices only unless the two switches say otherwise."""
+# The roles a trainable tensor plays (olm.train.optim.parameter_roles); optim.lr_multipliers is keyed by them.
+PARAMETER_ROLES = ("embedding", "hidden", "head", "vector")
+MUON_LR_ADJUSTMENTS = ("original", "match_rms_adamw")
 
-    name: str = setting("adamw", choices=OPTIMIZERS)
+
+def _multiplier(default: float = 1.0) -> Any:
+    return setting(default, check=non_negative_number, allowed="a number >= 0 (0 freezes the role)")
+
+
+@dataclass
+class LrMultipliers:
+    """Per-role factors on ``optim.lr`` (PARAMETER_ROLES)."""
+
+    embedding: float = _multiplier()
+    hidden: float = _multiplier()
+    head: float = _multiplier()
+    vector: float = _multiplier()
+
+
+@dataclass
+class OptimizerConfig:
+    """What every optimizer takes: a learning rate, decoupled weight decay and the parameter groups.
+
+    Groups are made from each tensor's role (``PARAMETER_ROLES``): ``embedding`` (token and position tables),
+    ``hidden`` (the matrices inside the blocks), ``head`` (an output projection not tied to the embedding) and
+    ``vector`` (norm gains, biases). Each group's learning rate is ``lr`` times its role's multiplier in
+    ``lr_multipliers`` (0 freezes the role) and, with ``model.parametrization=mup``, times
+    muP's width factor. Weight decay applies to ``hidden`` and ``head`` unless the two switches add the others.
+    """
+
+    name: str = MISSING
     lr: float = setting(3e-3, check=positive_number, allowed="a positive number")
     weight_decay: float = setting(0.1, check=non_negative_number, allowed="a number >= 0")
-    betas: List[float] = setting([0.9, 0.95], check=betas, allowed="two numbers in [0, 1), e.g. [0.9, 0.95]")
-    eps: float = setting(1e-8, check=positive_number, allowed="a positive number")
-    fused: Optional[bool] = None  # null: fused kernels on GPU, foreach on CPU
     decay_embeddings: bool = False
     decay_norms_and_biases: bool = False
+    lr_multipliers: LrMultipliers = field(default_factory=LrMultipliers)
+
+
+@register("optimizer", "adamw")
+@dataclass
+class AdamWConfig(OptimizerConfig):
+    """AdamW (torch.optim.AdamW): fused kernels on GPU, foreach on CPU (``fused`` null)."""
+
+    name: str = "adamw"
+    betas: List[float] = setting([0.9, 0.95], check=betas, allowed="two numbers in [0, 1), e.g. [0.9, 0.95]")
+    eps: float = setting(1e-8, check=positive_number, allowed="a positive number")
+    fused: Optional[bool] = None
+
+
+@register("optimizer", "muon")
+@dataclass
+class MuonConfig(OptimizerConfig):
+    """Muon (torch.optim.Muon) on the hidden matrices, AdamW on the embedding, head and vectors.
+
+    Muon orthogonalises each 2-D hidden matrix's momentum (Newton-Schulz); the fused QKV projection is one matrix.
+    Tensors Muon cannot take (3-D MoE expert stacks) go to AdamW with the hidden role's learning rate.
+    ``adjust_lr``: torch's scaling of Muon's step by the matrix shape (``match_rms_adamw``: updates of AdamW's RMS,
+    so that one ``lr`` suits both halves); ``adamw_lr``: the AdamW half's learning rate (null: ``lr``).
+    """
+
+    name: str = "muon"
+    lr: float = setting(0.02, check=positive_number, allowed="a positive number")
+    momentum: float = setting(0.95, check=lambda v: _num(v) and 0 <= v < 1, allowed="a number in [0, 1)")
+    nesterov: bool = True
+    ns_steps: int = setting(5, check=positive_int, allowed="a positive integer")
+    adjust_lr: str = setting("match_rms_adamw", choices=MUON_LR_ADJUSTMENTS)
+    adamw_lr: Optional[float] = setting(None, check=lambda v: v is None or positive_number(v),
+                                        allowed="a positive number (null: optim.lr)")
+    betas: List[float] = setting([0.9, 0.95], check=betas, allowed="two numbers in [0, 1), e.g. [0.9, 0.95]")
+    eps: float = setting(1e-8, check=positive_number, allowed="a positive number")
+
+
+@register("optimizer", "lion")
+@dataclass
+class LionConfig(OptimizerConfig):
+    """Lion (Chen et al. 2023, the ``lion-pytorch`` package): the sign of an interpolated momentum, so one state
+    tensor per parameter; it wants a learning rate 3-10x below AdamW's and a weight decay as much higher."""
+
+    name: str = "lion"
+    lr: float = setting(3e-4, check=positive_number, allowed="a positive number")
+    weight_decay: float = setting(1.0, check=non_negative_number, allowed="a number >= 0")
+    betas: List[float] = setting([0.9, 0.99], check=betas, allowed="two numbers in [0, 1), e.g. [0.9, 0.99]")
+
+
+@register("optimizer", "sgd")
+@dataclass
+class SGDConfig(OptimizerConfig):
+    """SGD with (Nesterov) momentum (torch.optim.SGD), the baseline adaptive methods are measured against."""
+
+    name: str = "sgd"
+    lr: float = setting(0.3, check=positive_number, allowed="a positive number")
+    weight_decay: float = setting(0.0, check=non_negative_number, allowed="a number >= 0")
+    momentum: float = setting(0.9, check=lambda v: _num(v) and 0 <= v < 1, allowed="a number in [0, 1)")
+    nesterov: bool = True
+
+
+def optimizer_schema(name: Any, key: str = "optim.name") -> type:
+    """The registered schema of optimizer ``name``; an unknown name is one ConfigError listing the known ones."""
+    from olm import registry
+
+    known = registry.names("optimizer")
+    if name not in known:
+        raise ConfigError(f"{key}={name!r} is not a registered optimizer" + did_you_mean(str(name), known))
+    return registry.get("optimizer", name).cls
 
 
 @dataclass
@@ -326,7 +418,8 @@ class TrainConfig(SpeedConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    # The optimizer's own schema, picked by conf/optim/<name>.yaml (optim=muon); see OptimizerConfig.
+    optim: Any = field(default=MISSING, metadata={"schema_of": lambda node: optimizer_schema(node.get("name"))})
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
@@ -468,6 +561,8 @@ def register_configs() -> None:
     root = OmegaConf.structured(TrainConfig)
     OmegaConf.set_struct(root, False)  # experiments' own variables; the command line is strict all the same
     store.store(name="schema_train", node=root)
+    for entry in registry.entries("optimizer"):  # conf/optim/<name>.yaml extends optim/schema_<name>
+        store.store(group="optim", name=f"schema_{entry.name}", node=entry.cls)
     # olm's grid sweeper (seeds=N), the default of conf/hydra/default.yaml: Hydra's basic sweeper plus seeds.
     store.store(group="hydra/sweeper", name="olm", provider="olm",
                 node={"_target_": "hydra_plugins.olm_plugins.sweeper.OlmSweeper", "max_batch_size": None,
@@ -496,9 +591,9 @@ def _fields(schema: type, node: DictConfig, prefix: str = ""):
         key = f"{prefix}{f.name}"
         if f.name not in node:
             continue
-        nested = _schema_of(f)
+        sub = node._get_node(f.name)
+        nested = _schema_of(f, sub)
         if nested is not None:
-            sub = node._get_node(f.name)
             if isinstance(sub, DictConfig) and not sub._is_none():
                 yield from _fields(nested, sub, f"{key}.")
             continue
@@ -506,10 +601,15 @@ def _fields(schema: type, node: DictConfig, prefix: str = ""):
             yield key, f, node[f.name]  # resolved only here: other keys may need a running Hydra job
 
 
-def _schema_of(f: dataclasses.Field) -> type | None:
+def _schema_of(f: dataclasses.Field, node: Any = None) -> type | None:
+    """The schema of a nested node: its field's dataclass, or for a node whose schema depends on its content
+    (``optim``: the optimizer's), the one its ``schema_of`` metadata picks."""
     factory = f.default_factory
     if factory is not dataclasses.MISSING and isinstance(factory, type) and dataclasses.is_dataclass(factory):
         return factory
+    pick = f.metadata.get("schema_of")
+    if pick is not None and isinstance(node, DictConfig) and not node._is_none():
+        return pick(node)
     return None
 
 
@@ -545,8 +645,10 @@ def undeclared_keys(cfg: DictConfig, schema: type = TrainConfig, prefix: str = "
     """(key, the node's declared keys) for every key under a declared group that its schema does not declare
     (Hydra's ``+group.key=...`` adds one even to a typed node)."""
     for f in dataclasses.fields(schema):
-        nested = _schema_of(f)
-        if nested is None or f.name not in cfg or not isinstance(cfg._get_node(f.name), DictConfig):
+        if f.name not in cfg or not isinstance(cfg._get_node(f.name), DictConfig):
+            continue
+        nested = _schema_of(f, cfg._get_node(f.name))
+        if nested is None:
             continue
         node, known = cfg[f.name], declared_keys(nested)
         for key in node.keys():

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import olm
 from olm.errors import ConfigError, OlmError
-from olm.train.config import OptimConfig, SchedulerConfig, SpeedConfig
-from olm.train.optim import build_optimizer, build_scheduler
+from olm.train.config import AdamWConfig, OptimizerConfig, SchedulerConfig, SpeedConfig
+from olm.train.optim import build_optimizer, build_scheduler, describe_groups
 from olm.train.speed import (check_speed, convert_to_float8, float8_recipe, fused_cross_entropy, listed,
                              select_sdpa_backend)
 
@@ -35,13 +35,13 @@ class LMModule(L.LightningModule):
     ``skip_nonfinite_batches``: non-finite losses tolerated (each batch skipped) before the run stops.
     """
 
-    def __init__(self, model_cfg: dict, optim: OptimConfig | None = None, scheduler: SchedulerConfig | None = None,
+    def __init__(self, model_cfg: dict, optim: OptimizerConfig | None = None, scheduler: SchedulerConfig | None = None,
                  speed: SpeedConfig | None = None, *, max_steps: int, log_every_n_steps: int,
                  bytes_per_token: float | None = None, skip_nonfinite_batches: int = 0):
         super().__init__()
         self.model_cfg = dict(model_cfg)
         self.model = olm.build_model(self.model_cfg)
-        self.optim_cfg = optim or OptimConfig()
+        self.optim_cfg = optim or AdamWConfig()
         self.scheduler_cfg = scheduler or SchedulerConfig()
         self.speed = speed or SpeedConfig()
         self.compile_options = check_speed(self.speed)  # before any data or process starts
@@ -125,7 +125,7 @@ class LMModule(L.LightningModule):
         """Next-token cross-entropy, plus any auxiliary loss the model reports (e.g. MoE load balancing)."""
         if self._fused_ce is not None and reduction == "mean" and self.training:
             head = self.model.head
-            hidden = head.norm(self._hidden_states(idx)).flatten(0, 1)  # (B*T, C)
+            hidden = head.features(self._hidden_states(idx)).flatten(0, 1)  # (B*T, C)
             loss = self._fused_ce(head.linear.weight, hidden, targets.flatten(), head.linear.bias)
         else:
             loss = getattr(self, "_compiled_loss", self._unfused_loss)(idx, targets, reduction)
@@ -258,6 +258,9 @@ class LMModule(L.LightningModule):
     # -- optimizer -----------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg, self.device.type)
+        if self.global_rank == 0:
+            log.info("optimizer %s, parameter groups:\n  %s", self.optim_cfg.name,
+                     "\n  ".join(describe_groups(optimizer)))
         scheduler = build_scheduler(optimizer, self.scheduler_cfg, self.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -267,18 +270,22 @@ class LMModule(L.LightningModule):
 
     def _apply_optim_settings(self) -> None:
         """After a resume, the optimizer's settings are the config's, not the checkpoint's: Lightning restores the
-        saved param groups (lr, weight decay, betas, eps), which would silently ignore ``optim.lr=...`` on the
-        command line. Moments and step counts stay restored; the schedule goes on from the restored step."""
+        saved param groups (lr, weight decay, betas, ...), which would silently ignore ``optim.lr=...`` on the
+        command line. Each restored group takes the settings of the group a fresh build makes for the same tensors;
+        moments and step counts stay restored, and the schedule goes on from the restored step."""
         optimizer = self.trainer.optimizers[0]
         scheduler = self.lr_schedulers()
-        cfg = self.optim_cfg
-        for group, decays in zip(optimizer.param_groups, (True, False)):
-            group.update(weight_decay=cfg.weight_decay if decays else 0.0, betas=tuple(cfg.betas), eps=cfg.eps,
-                         initial_lr=cfg.lr)
-        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-            group["lr"] = cfg.lr * factor(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        fresh = build_optimizer(self.model, self.optim_cfg, self.device.type).param_groups
+        restored = optimizer.param_groups
+        if [len(g["params"]) for g in fresh] != [len(g["params"]) for g in restored]:
+            raise ConfigError(f"optim.name={self.optim_cfg.name!r}: the checkpoint's optimizer has other parameter "
+                              "groups; resume with the optimizer it was trained with")
+        for group, new in zip(restored, fresh):
+            group.update({k: v for k, v in new.items() if k != "params"}, initial_lr=new["lr"])
+        scheduler.base_lrs = [group["initial_lr"] for group in restored]
+        for group, base, factor in zip(restored, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in restored]
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
-from olm.train.config import OptimConfig, SchedulerConfig
+from olm.errors import ConfigError
+from olm.train.config import (PARAMETER_ROLES, AdamWConfig, LionConfig, MuonConfig, OptimizerConfig, SchedulerConfig,
+                               SGDConfig)
 
 log = logging.getLogger("olm")
 
@@ -38,31 +40,154 @@ def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, total_steps: i
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = False,
-                     decay_norms_and_biases: bool = False) -> list[dict[str, Any]]:
-    """AdamW groups of ``model``'s trainable parameters (each once, also when tied): weight decay on matrices; on
-    embedding tables and on vectors (norms, biases) only when asked."""
-    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for _, p in model.named_parameters():
+def parameter_roles(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+    """Every trainable tensor of ``model`` once (also when tied), by the role it plays (``PARAMETER_ROLES``):
+    token and position tables are ``embedding``; the output projection, unless tied to the token table, ``head``;
+    tensors of fewer than two dimensions (norm gains, biases) ``vector``; every other matrix ``hidden``."""
+    from olm.nn.blocks import OutputHead
+
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = {id(p) for m in model.modules() if isinstance(m, OutputHead) for p in m.parameters() if p.ndim >= 2}
+    roles: dict[str, list[torch.nn.Parameter]] = {role: [] for role in PARAMETER_ROLES}
+    seen: set[int] = set()
+    for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if id(p) in embedding_params:
-            (decay if decay_embeddings else no_decay).append(p)
-        elif p.ndim >= 2:
-            decay.append(p)
+        if id(p) in embedding:
+            roles["embedding"].append(p)
+        elif p.ndim < 2:
+            roles["vector"].append(p)
+        elif id(p) in head:
+            roles["head"].append(p)
         else:
-            (decay if decay_norms_and_biases else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            roles["hidden"].append(p)
+    return roles
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
-    """AdamW over ``parameter_groups``: fused kernels on GPU unless ``optim.fused`` says otherwise, foreach on CPU."""
-    fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
-    groups = parameter_groups(model, cfg.weight_decay, decay_embeddings=cfg.decay_embeddings,
-                              decay_norms_and_biases=cfg.decay_norms_and_biases)
+def width_multiplier(model: torch.nn.Module) -> float:
+    """muP's width / base width (1 for the standard parametrization): hidden learning rates of Adam-like optimizers
+    are divided by it (Tensor Programs V, Table 3)."""
+    return float(getattr(model, "width_multiplier", 1.0))
+
+
+def _group(role: str, params: list, cfg: OptimizerConfig, lr_scale: float = 1.0) -> dict[str, Any]:
+    decays = role in ("hidden", "head") or (role == "embedding" and cfg.decay_embeddings) or (
+        role == "vector" and cfg.decay_norms_and_biases)
+    lr = cfg.lr * getattr(cfg.lr_multipliers, role) * lr_scale
+    return {"params": params, "role": role, "lr": lr, "weight_decay": cfg.weight_decay if decays else 0.0,
+            "width_scale": lr_scale}
+
+
+def parameter_groups(model: torch.nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
+    """One group per non-empty role, with its learning rate (``lr`` x the role's multiplier x muP's 1/width factor
+    for hidden matrices) and weight decay; the optimizers take these as they are."""
+    roles = parameter_roles(model)
+    hidden_scale = 1.0 / width_multiplier(model)
+    return [_group(role, params, cfg, hidden_scale if role == "hidden" else 1.0)
+            for role, params in roles.items() if params]
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers over disjoint parameters as one (Muon + AdamW): one list of parameter groups for the
+    LR schedule and gradient clipping, one state dict for checkpoints, one ``step``."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        super().__init__([g for o in optimizers for g in o.param_groups], {})
+        self.optimizers = optimizers
+        self._share()
+
+    def _share(self) -> None:
+        """Point each inner optimizer at its slice of this one's groups and at this one's state (keyed by tensor)."""
+        start = 0
+        for o in self.optimizers:
+            o.param_groups = self.param_groups[start:start + len(o.param_groups)]
+            o.state = self.state
+            start += len(o.param_groups)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "optimizers"):  # after __init__: which inner optimizer would own it is not defined
+            raise NotImplementedError("CombinedOptimizer takes its groups from its optimizers")
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # replaces self.param_groups and self.state with new objects
+        self._share()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+
+def _adamw(groups: list[dict], cfg, device_type: str) -> torch.optim.Optimizer:
+    fused = cfg.fused if getattr(cfg, "fused", None) is not None else device_type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=bool(fused) or None)
+
+
+def muon_matrices(hidden: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """The hidden tensors Muon updates (the 2-D ones); none is one ConfigError."""
+    matrices = [p for p in hidden if p.ndim == 2]
+    if not matrices:
+        raise ConfigError("optim.name='muon' needs 2-D hidden matrices (the blocks' projections) and this model has "
+                          "none; use optim=adamw, lion or sgd")
+    return matrices
+
+
+def _muon(groups: list[dict], cfg: MuonConfig, device_type: str) -> torch.optim.Optimizer:
+    """Muon on the hidden role's 2-D matrices; AdamW (at ``adamw_lr``) on the rest, whose groups keep their roles."""
+    matrices = muon_matrices([p for g in groups if g["role"] == "hidden" for p in g["params"]])
+    muon_ids = {id(p) for p in matrices}
+    adamw_lr = cfg.adamw_lr if cfg.adamw_lr is not None else cfg.lr
+    muon_groups, adamw_groups = [], []
+    for g in groups:
+        mine = [p for p in g["params"] if id(p) in muon_ids]
+        rest = [p for p in g["params"] if id(p) not in muon_ids]
+        if mine:  # the hidden matrices keep the role's multiplier; Muon's own shape scaling stands in for muP's
+            muon_groups.append({**g, "params": mine, "lr": g["lr"] / g["width_scale"], "width_scale": 1.0})
+        if rest:
+            adamw_groups.append({**g, "params": rest, "lr": g["lr"] / cfg.lr * adamw_lr})
+    muon = torch.optim.Muon(muon_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                            nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
+                            adjust_lr_fn=None if cfg.adjust_lr == "original" else cfg.adjust_lr)
+    if not adamw_groups:
+        return muon
+    return CombinedOptimizer([muon, _adamw(adamw_groups, cfg, device_type)])
+
+
+def _lion(groups: list[dict], cfg: LionConfig, device_type: str) -> torch.optim.Optimizer:
+    from lion_pytorch import Lion
+
+    return Lion(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def _sgd(groups: list[dict], cfg: SGDConfig, device_type: str) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+BUILDERS = {AdamWConfig: _adamw, MuonConfig: _muon, LionConfig: _lion, SGDConfig: _sgd}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, device_type: str) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names over ``parameter_groups(model, cfg)``."""
+    return BUILDERS[type(cfg)](parameter_groups(model, cfg), cfg, device_type)
+
+
+def describe_groups(optimizer: torch.optim.Optimizer) -> list[str]:
+    """One line per parameter group: role, tensors, parameters, learning rate, weight decay, update rule."""
+    inner = getattr(optimizer, "optimizers", [optimizer])
+    lines = []
+    for o in inner:
+        for g in o.param_groups:
+            n = sum(p.numel() for p in g["params"])
+            lines.append(f"{g.get('role', '?'):>9}: {len(g['params']):3d} tensors {n:>11,d} parameters  "
+                         f"lr {g['lr']:.3g}  weight decay {g['weight_decay']:g}  ({type(o).__name__})")
+    return lines
 
 
 def warmup_steps(cfg: SchedulerConfig, max_steps: int) -> int:

@@ -139,11 +139,13 @@ def leaf(config: dict, key: str) -> Any:
 
 
 def _what_it_trains(saved: DictConfig, cfg: DictConfig) -> list[str]:
-    """The model and data keys where ``cfg`` differs from the run's saved config."""
+    """The model, data and optimizer-kind keys where ``cfg`` differs from the run's saved config (an optimizer's
+    state does not carry over to another kind; its settings may change)."""
     model = changed_keys(_plain(saved.model), _plain(cfg.model), "model")
     data = [k for k in changed_keys(_plain(saved.data), _plain(cfg.data), "data")
             if k.split(".")[1] not in DATA_KEYS_FREE_ON_RESUME]
-    return model + data
+    optim = ["optim.name"] if _at(saved, "optim.name") != _at(cfg, "optim.name") else []
+    return model + data + optim
 
 
 def refuse_changes(saved: DictConfig, cfg: DictConfig, new: list[str], compose_without) -> None:
@@ -156,8 +158,8 @@ def refuse_changes(saved: DictConfig, cfg: DictConfig, new: list[str], compose_w
     blamed = [o for o in new if _what_it_trains(saved, compose_without(o)) != changed]
     what = ", ".join(blamed) if blamed else ", ".join(changed[:4])
     shown = "; ".join(f"{k}: {_at(saved, k)!r} -> {_at(cfg, k)!r}" for k in changed[:3])
-    raise ConfigError(f"resume: {what} would change what the run trains ({shown}); a resumed run keeps its model "
-                      "and data: start a new run for that, or drop the override")
+    raise ConfigError(f"resume: {what} would change what the run trains ({shown}); a resumed run keeps its model, "
+                      "data and optimizer: start a new run for that, or drop the override")
 
 
 def _at(cfg: DictConfig, key: str) -> Any:

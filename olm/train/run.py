@@ -30,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from olm.errors import ConfigError, first_line
 from olm.train.checks import check_run
-from olm.train.config import (CallbacksConfig, DataConfig, LoggerConfig, OptimConfig, SampleConfig, SchedulerConfig,
-                              TrainerConfig, speed_config, typed)
+from olm.train.config import (CallbacksConfig, DataConfig, LoggerConfig, SampleConfig, SchedulerConfig,
+                              TrainerConfig, optimizer_schema, speed_config, typed)
 from olm.train.sweeps import pruning_callback
 from olm.train.outcome import final_lines, read_summary, summarize, write_failed_summary, write_json
 
@@ -266,7 +266,7 @@ def train(cfg: DictConfig) -> float | None:
         check_vocab(cfg, datamodule)
         datamodule.setup("fit")  # token ids < vocab size, enough tokens per split: checked at load, not as a CUDA assert
     module = LMModule(
-        OmegaConf.to_container(cfg.model, resolve=True), typed(cfg.optim, OptimConfig, "optim."),
+        OmegaConf.to_container(cfg.model, resolve=True), typed(cfg.optim, optimizer_schema(cfg.optim.name), "optim."),
         typed(cfg.scheduler, SchedulerConfig, "scheduler."), speed, max_steps=trainer_cfg.max_steps,
         log_every_n_steps=trainer_cfg.log_every_n_steps, bytes_per_token=datamodule.val_bytes_per_token,
         skip_nonfinite_batches=callbacks_cfg.nan_guard.skip_batches,

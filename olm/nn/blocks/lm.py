@@ -30,7 +30,12 @@ class LM(Block):
     ``logit_softcap``; ``block_overrides``: a list of per-layer TransformerBlock keyword overrides applied cyclically
     (``[{attention: {name: sliding_window, window: 4096}}, {}]`` alternates local and global layers);
     ``pad_vocab_to``: round the embedding/logit width up to a multiple (50257 -> 50304 for GPT-2 speed);
-    ``init_std``: normal init std of all matrices (residual output projections are scaled by 1/sqrt(2N)).
+    ``init_std``: normal init std of all matrices (residual output projections are scaled by 1/sqrt(2N));
+    ``parametrization``: ``standard``, or ``mup`` (maximal update parametrization, Yang et al. 2022, "Tensor Programs
+    V", Table 3) relative to a model of width ``mup_base_width``: with ``m = embed_dim / mup_base_width``, the
+    blocks' matrices start with std ``init_std / sqrt(m)``, attention scores are scaled by ``1/sqrt(m)`` more (1/d
+    instead of 1/sqrt(d)), the output head's features by ``1/m`` (the output multiplier), and the optimizer divides
+    the hidden matrices' learning rate by ``m`` (``width_multiplier``). At the base width both are the same model.
     """
 
     def __init__(
@@ -58,12 +63,15 @@ class LM(Block):
         block_overrides: list | None = None,
         pad_vocab_to: int = 1,
         init_std: float = 0.02,
+        parametrization: str = "standard",
+        mup_base_width: int | None = None,
     ):
         super().__init__()
         for key, value in dict(vocab_size=vocab_size, embed_dim=embed_dim, num_heads=num_heads, num_layers=num_layers, max_seq_len=max_seq_len, pad_vocab_to=pad_vocab_to).items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{where(key)}={value!r} must be a positive integer")
         check_dropout(dropout)
+        self.width_multiplier = _width_multiplier(parametrization, mup_base_width, embed_dim)
         self.vocab_size, self.max_seq_len, self.causal = vocab_size, max_seq_len, causal
         padded_vocab = pad_vocab_to * math.ceil(vocab_size / pad_vocab_to)
         block_kwargs = dict(
@@ -84,7 +92,10 @@ class LM(Block):
                 kwargs = {**block_kwargs, "ff_multiplier": ff_multiplier, **override}
                 blocks.append(TransformerBlock(embed_dim, num_heads, max_seq_len, dropout, causal, **kwargs))
         embedding = TokenEmbedding(padded_vocab, embed_dim, max_seq_len, dropout, position=position, scale=embed_scale)
-        head = OutputHead(embed_dim, padded_vocab, bias=head_bias, norm=norm, softcap=logit_softcap)
+        head = OutputHead(embed_dim, padded_vocab, bias=head_bias, norm=norm, softcap=logit_softcap,
+                          multiplier=1.0 / self.width_multiplier)
+        for block in blocks:  # muP: attention logits scale as 1/head_dim (with the default scale)
+            block.attention.scale /= math.sqrt(self.width_multiplier)
         self.layers = nn.ModuleList([embedding, *blocks, head])
         self.activation_checkpointing = False  # a runtime switch, not part of the architecture
         self.init_weights(init_std)
@@ -104,19 +115,27 @@ class LM(Block):
         return self.layers[-1]
 
     def init_weights(self, std: float = 0.02) -> None:
-        """N(0, std) for matrices and tables, zeros for biases; residual projections get std / sqrt(2 * num_layers)."""
+        """N(0, std) for matrices and tables, zeros for biases; residual projections get std / sqrt(2 * num_layers).
+        Under muP the blocks' matrices are scaled by 1/sqrt(width_multiplier) more (variance ~ 1/fan_in)."""
         if self.embedding.token.weight.is_meta:  # nothing to initialise (parameter counting, import before loading)
             return
-        residual_std = std / math.sqrt(2 * len(self.blocks))
+        hidden_std = std / math.sqrt(self.width_multiplier)
+        residual_std = hidden_std / math.sqrt(2 * len(self.blocks))
+        head_linear = self.head.linear
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, residual_std if getattr(module, "is_residual_out", False) else std)
+            if module is head_linear:
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                is_residual = getattr(module, "is_residual_out", False)
+                nn.init.normal_(module.weight, 0.0, residual_std if is_residual else hidden_std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
             elif module is not self and hasattr(module, "init_parameters"):  # parameters held outside nn.Linear (MoE)
-                module.init_parameters(std, residual_std)
+                module.init_parameters(hidden_std, residual_std)
 
     def make_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         """Empty per-layer KV caches for incremental decoding of up to ``max_len`` positions."""
@@ -149,3 +168,22 @@ class LM(Block):
         """Sum of the auxiliary losses (``last_aux_loss``, e.g. MoE load balancing) of the last forward, or None."""
         losses = [m.last_aux_loss for m in self.modules() if getattr(m, "last_aux_loss", None) is not None]
         return torch.stack(losses).sum() if losses else None
+
+
+PARAMETRIZATIONS = ("standard", "mup")
+
+
+def _width_multiplier(parametrization: str, base_width: int | None, embed_dim: int) -> float:
+    """muP's m = embed_dim / base_width (1 for the standard parametrization), with one-line errors."""
+    if parametrization not in PARAMETRIZATIONS:
+        raise ConfigError(f"{where('parametrization')}={parametrization!r} is not known; known: "
+                          f"{', '.join(PARAMETRIZATIONS)}")
+    if parametrization == "standard":
+        if base_width is not None:
+            raise ConfigError(f"{where('mup_base_width')}={base_width!r} applies only with "
+                              f"{where('parametrization')}=mup")
+        return 1.0
+    if not isinstance(base_width, int) or isinstance(base_width, bool) or base_width < 1:
+        raise ConfigError(f"{where('parametrization')}=mup needs {where('mup_base_width')}: the width (embed_dim) "
+                          f"the hyperparameters were tuned at, a positive integer (got {base_width!r})")
+    return embed_dim / base_width
