@@ -13,6 +13,7 @@ def cmd_components(args) -> int:
     import shutil
     import textwrap
 
+    import olm.train.config  # noqa: F401  (registers the optimizers)
     from olm import registry
     from olm.train.schema import PROVIDED_BY_KIND  # imports only the registry: `olm` stays quick to start
 

@@ -81,12 +81,22 @@ def _first_doc_line(obj: Any) -> str:
 
 
 def _signature_params(cls: Callable) -> dict[str, Param]:
+    """The constructor's parameters; a dataclass field with a default factory shows the value the factory makes,
+    and a dataclass's ``name`` field (the registered name itself) is left out."""
+    import dataclasses
+
     sig = inspect.signature(cls)
+    factories = {f.name: f.default_factory for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
     params = {}
     for p in sig.parameters.values():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or (factories and p.name == "name"):
             continue
-        params[p.name] = Param(p.name, p.default, p.annotation, p.kind == p.KEYWORD_ONLY)
+        default = p.default
+        factory = factories.get(p.name, dataclasses.MISSING)
+        if factory is not dataclasses.MISSING:
+            default = factory()
+            default = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+        params[p.name] = Param(p.name, default, p.annotation, p.kind == p.KEYWORD_ONLY)
     return params
 
 

@@ -60,15 +60,21 @@ def num_parameters(cfg) -> int:
 LADDERS = [name for name in EXPERIMENTS if "\nladder: {size:" in (ROOT / "experiments" / f"{name}.yaml").read_text()]
 
 
-@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in LADDERS])
+# Experiments about the run rather than the model: what each may sweep besides the model.
+RUN_SWEEPS = {"optimizers": "optim"}
+GRIDS = ["mup_transfer"]  # several keys swept together; tested on their own
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in LADDERS + GRIDS])
 def test_experiment_states_its_question_and_sweeps_fairly(name):
     header = (ROOT / "experiments" / f"{name}.yaml").read_text().split("\ndefaults:")[0]
     assert header.startswith("# @package _global_\n# Question:") and "Fixed budget:" in header
     cfg = compose_job([f"+experiment={name}"])
     (key, values), = cfg.hydra.sweeper.params.items()
     values = str(values).split(",")
-    # Fair by construction: the sweep changes the model only, never the data, its order, the optimizer or the budget.
-    assert len(values) >= 2 and (key.startswith("model") or key == "shape"), key
+    # Fair by construction: the sweep changes the model only (or the optimizer, in the experiment about it), never
+    # the data, its order or the budget.
+    assert len(values) >= 2 and (key.startswith("model") or key == "shape" or RUN_SWEEPS.get(name) == key), key
     assert cfg.trainer.max_steps >= 1000 and cfg.data.seq_len == 256 and cfg.data.seed == cfg.seed
     assert cfg.logger.group == name == cfg.compare.experiment and cfg.compare.question
     assert cfg.seeds == 3  # the seeds per variant of the real budget
@@ -91,6 +97,29 @@ def test_experiment_states_its_question_and_sweeps_fairly(name):
     assert num_parameters(job) < 100_000
     if name == "depth_vs_width":
         assert (job.model.num_layers, job.model.embed_dim) == (16, 16)
+
+
+def test_optimizers_experiment_gives_each_optimizer_its_own_learning_rate():
+    lrs = {}
+    for optimizer in ("adamw", "muon", "lion"):
+        job = compose_job(["+experiment=[optimizers,smoke]", f"optim={optimizer}", "seed=0"])
+        assert job.optim.name == optimizer and job.logger.job_type == f"optim={optimizer}"
+        lrs[optimizer] = (job.optim.lr, job.optim.weight_decay)
+    assert lrs == {"adamw": (3e-3, 0.1), "muon": (6e-3, 0.1), "lion": (1e-3, 1.0)}
+
+
+def test_mup_transfer_experiment_sweeps_width_lr_and_parametrization():
+    header = (ROOT / "experiments" / "mup_transfer.yaml").read_text().split("\ndefaults:")[0]
+    assert header.startswith("# @package _global_\n# Question:") and "Fixed budget:" in header
+    cfg = compose_job(["+experiment=mup_transfer"])
+    grid = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    assert grid == {"model.parametrization": ["standard", "mup"], "model.embed_dim": ["64", "512"],
+                    "optim.lr": ["1e-3", "3e-3", "1e-2", "3e-2"]} and cfg.seeds == 3
+    for parametrization, base in (("standard", None), ("mup", 64)):
+        job = compose_job(["+experiment=[mup_transfer,smoke]", f"model.parametrization={parametrization}",
+                           "model.embed_dim=512", "optim.lr=1e-2", "seed=0"])
+        assert job.model.mup_base_width == base and job.optim.name == "adamw"
+        assert job.trainer.max_steps == 20 and job.data.seq_len == 32  # the smoke size runs on a CPU
 
 
 @pytest.mark.parametrize("name", LADDERS)

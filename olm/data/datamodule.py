@@ -13,9 +13,11 @@ split contiguously across ranks, in order.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import json
+import lzma
 import math
 import os
 from itertools import chain
@@ -35,6 +37,12 @@ CACHE_VERSION = 1  # bump when the token-cache format or the joining rule change
 PIECE_CHARS = 1 << 20  # long documents are encoded in pieces this size so encode_batch can use every core
 CHUNK_CHARS = 1 << 23  # text handed to the tokenizer per call: bounds memory on large corpora
 INFINITE = 10**12  # "length" of the train sampler when the number of steps is unknown
+# The general-purpose compressors a model's bits/byte is shown against, each at its strongest setting.
+COMPRESSORS = {
+    "gzip": lambda text: gzip.compress(text, 9),
+    "bz2": lambda text: bz2.compress(text, 9),
+    "xz": lambda text: lzma.compress(text, preset=9 | lzma.PRESET_EXTREME),
+}
 
 
 class TokenWindows(Dataset):
@@ -173,7 +181,7 @@ class TextDataModule(L.LightningDataModule):
         self.consumed_batches: int | None = None  # set to override the resume position read from the trainer
         self._corpus = self._tokenizer = self._train = self._val = None
         self._val_text_cache: dict[int, tuple[bytes | None, int]] = {}  # keyed by num_val_windows()
-        self._gzip_cache: dict[int, float] = {}
+        self._gzip_cache: dict[int, dict[str, float]] = {}
 
     # ---- corpus, tokenizer, token cache
 
@@ -373,12 +381,18 @@ class TextDataModule(L.LightningDataModule):
         bpt = self.val_bytes_per_token
         return None if bpt is None else loss_nats / math.log(2) / bpt
 
-    def gzip_bits_per_byte(self) -> float | None:
-        """A reference compressor: 8 * len(gzip(val_text, level 9)) / len(val_text), on the bytes bpb is over."""
+    def compressor_bits_per_byte(self) -> dict[str, float] | None:
+        """Reference compressors on the bytes bpb is over: 8 * len(compress(val_text)) / len(val_text) for each of
+        ``COMPRESSORS`` (gzip -9, bz2 -9, xz -9e); None when the text is unknown."""
         text, _ = self.val_text()
         if text is None:
             return None
         n = self.num_val_windows()
         if n not in self._gzip_cache:
-            self._gzip_cache[n] = 8 * len(gzip.compress(text, 9)) / len(text)
+            self._gzip_cache[n] = {name: 8 * len(compress(text)) / len(text) for name, compress in COMPRESSORS.items()}
         return self._gzip_cache[n]
+
+    def gzip_bits_per_byte(self) -> float | None:
+        """gzip -9's bits per byte on the bytes bpb is over (``compressor_bits_per_byte``)."""
+        figures = self.compressor_bits_per_byte()
+        return None if figures is None else figures["gzip"]

@@ -117,7 +117,8 @@ def summarize(run_dir: Path, metrics: dict[str, float], *, datamodule, trainer, 
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss) if val_loss is not None and val_loss < 50 else None,
         "val_bpb": metrics.get("val/bpb"),
-        "gzip_bpb": datamodule.gzip_bits_per_byte(),
+        # gzip -9, bz2 -9 and xz -9e on the same text (gzip_bpb, bz2_bpb, xz_bpb).
+        **{f"{name}_bpb": value for name, value in (datamodule.compressor_bits_per_byte() or {}).items()},
         "num_parameters": num_params,
         "steps": trainer.global_step,
         "tokens_seen": trainer.global_step * throughput.tokens_per_step,
@@ -141,12 +142,18 @@ def _number(value) -> float | None:
     return float(value) if value is not None else None
 
 
+COMPRESSOR_NAMES = {"gzip": "gzip -9", "bz2": "bz2 -9", "xz": "xz -9e"}
+
+
 def final_lines(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     """What the command prints when a run finishes: where it is, its val loss and bits/byte, its speed."""
     val_loss = summary["val_loss"]
     lines = [f"val loss {val_loss:.4f} nats/token" if val_loss is not None else "val loss n/a"]
     if summary["val_bpb"] is not None:
-        lines.append(f"val bits/byte {summary['val_bpb']:.3f} (gzip -9 on the same text: {summary['gzip_bpb']:.3f})")
+        shown = [f"{name} {summary[f'{key}_bpb']:.3f}" for key, name in COMPRESSOR_NAMES.items()
+                 if summary.get(f"{key}_bpb") is not None]
+        same_text = f" (on the same text: {', '.join(shown)})" if shown else ""
+        lines.append(f"val bits/byte {summary['val_bpb']:.3f}{same_text}")
     downstream = {k.removeprefix("eval/"): v for k, v in summary.items() if k.startswith("eval/") and v is not None}
     if downstream:
         shown = [f"{name} {value:.3f}" for name, value in downstream.items() if not name.endswith("perplexity")]
