@@ -105,7 +105,7 @@ def test_optimizers_experiment_gives_each_optimizer_its_own_learning_rate():
         job = compose_job(["+experiment=[optimizers,smoke]", f"optim={optimizer}", "seed=0"])
         assert job.optim.name == optimizer and job.logger.job_type == f"optim={optimizer}"
         lrs[optimizer] = (job.optim.lr, job.optim.weight_decay)
-    assert lrs == {"adamw": (3e-3, 0.1), "muon": (6e-3, 0.1), "lion": (1e-3, 1.0)}
+    assert lrs == {"adamw": (3e-3, 0.1), "muon": (1.2e-2, 0.1), "lion": (1e-3, 1.0)}
 
 
 def test_mup_transfer_experiment_sweeps_width_lr_and_parametrization():

@@ -152,6 +152,9 @@ def to_hf(model, out_dir: str | os.PathLike, family: str | None = None, max_shar
 
     if family is not None and family not in FAMILIES:
         raise ConfigError(f"family={family!r} is not known; known: {', '.join(FAMILIES)}")
+    if getattr(model, "width_multiplier", 1.0) != 1.0:
+        raise ConfigError(f"model.parametrization=mup at width multiplier {model.width_multiplier:g}: Hugging Face "
+                          "architectures have no output multiplier or 1/d attention scale, so no family can express it")
     chosen: Family = FAMILIES[family] if family else infer_family(model)
     params = dict(model.named_parameters())
     dtype = next(iter(params.values())).dtype
