@@ -317,6 +317,9 @@ def describe(entry: Entry, skip: Iterable[str] = (), width: int | None = None) -
     # doc starts on a line of its own so it does not read as one more parameter.
     signature = [f"{text}," for text in parts[:-1]] + [f"{parts[-1]})" if parts else ")"]
     signature[0] = f"{entry.name}({signature[0]}"
+    # A parameter wider than a line (a mapping default) breaks after its own commas.
+    signature = [sub for piece in signature for sub in (
+        [f"{s}," for s in piece.split(", ")[:-1]] + [piece.split(", ")[-1]] if len(piece) + 4 > width else [piece])]
     lines: list[str] = []
     for group in (signature, entry.doc.split()):
         group_start = len(lines)  # each group starts on a new line

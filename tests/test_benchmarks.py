@@ -212,3 +212,53 @@ def test_scaling_summary_of_repeats():
     assert [r["efficiency"] for r in rows] == [1.0, 0.96, 0.98, 0.94, 1.04, 0.95]  # each run against the 1-GPU median
     with pytest.raises(SystemExit):
         scaling.main(["--repeats", "0"])
+
+
+def _planted_run(run_dir: Path, optim: dict, val: dict[int, float], rates: dict[int, float], tokens_per_step: int):
+    import yaml
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"optim": optim}))
+    rows = ["step,tokens_seen,perf/tokens_per_sec,val/loss"]
+    for step in sorted(set(val) | set(rates)):
+        seen = (step + 1) * tokens_per_step if step in rates else ""
+        rows.append(f"{step},{seen},{rates.get(step, '')},{val.get(step, '')}")
+    (run_dir / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_time_to_target_counts_training_time_up_to_the_first_validation_below_target(tmp_path):
+    import time_to_target
+
+    # logged every 10 steps at 1000 tokens/step; the first interval (compilation) at 10 tokens/s is counted at the
+    # second's rate; val at or below 2.0 first at step 29
+    rates = {9: 10.0, 19: 2000.0, 29: 4000.0, 39: 4000.0}
+    _planted_run(tmp_path / "a", {"name": "muon", "lr": 0.01, "adamw_lr": 0.001}, {19: 2.5, 29: 2.0, 39: 1.5}, rates,
+                 1000)
+    r = time_to_target.time_to_target(tmp_path / "a", 2.0)
+    assert r["steps"] == 30 and r["tokens"] == 30_000 and r["final_val_loss"] == 1.5
+    assert r["seconds"] == pytest.approx(10_000 / 2000 + 10_000 / 2000 + 10_000 / 4000)
+    assert r["lr"] == "0.01 (AdamW half 0.001)"
+    assert time_to_target.time_to_target(tmp_path / "a", 1.0)["steps"] is None
+
+
+def test_mup_transfer_table_finds_the_best_lr_per_width_and_seed(tmp_path, capsys):
+    import mup_transfer
+    import yaml
+
+    losses = {("mup", 64, 1e-3): [2.2, 2.3], ("mup", 64, 3e-3): [2.0, 2.1], ("mup", 512, 1e-3): [2.1, 1.95],
+              ("mup", 512, 3e-3): [1.9, 2.0]}
+    job = 0
+    for (parametrization, width, lr), values in losses.items():
+        for seed, loss in enumerate(values):
+            d = tmp_path / str(job)
+            d.mkdir()
+            (d / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "optim": {"lr": lr}, "model": {
+                "parametrization": parametrization, "embed_dim": width}}))
+            (d / "summary.json").write_text(json.dumps({"status": "finished", "val_loss": loss}))
+            job += 1
+    assert mup_transfer.collect(tmp_path)[("mup", 512, 1e-3)] == {0: 2.1, 1: 1.95}
+    sys.argv = ["mup_transfer.py", str(tmp_path)]
+    mup_transfer.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| mup | 64 | 2.250 ± 0.071 | 2.050 ± 0.071 | 0.003 (2/2) |"
+    assert lines[3] == "| mup | 512 | 2.025 ± 0.106 | 1.950 ± 0.071 | 0.003 (1/2) |"  # seed 1: 1e-3 wins
