@@ -37,17 +37,20 @@ def losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    common = ["trainer.max_steps=6", "trainer.val_check_interval=3", "logger=wandb"]
+@pytest.mark.parametrize("optim, tolerance", [("adamw", 2e-5), ("muon", 5e-4)])
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, optim, tolerance):
+    """Equal to float rounding with AdamW; torch's Muon orthogonalises in bfloat16, which turns the all-reduce's
+    rounding differences into ~1e-4 of loss after a few steps (a wrong batch split would differ by ~1e-1)."""
+    common = ["trainer.max_steps=6", "trainer.val_check_interval=3", "logger=wandb", f"optim={optim}"]
     olm_train([*common, "trainer=ddp_cpu", "data.batch_size=4", f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path / "cache")
     olm_train([*common, "trainer=cpu", "data.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path / "cache")
     ddp, one = losses(tmp_path / "ddp"), losses(tmp_path / "one")
     assert len(ddp) == len(one) == 6
-    assert ddp == pytest.approx(one, abs=2e-5)
+    assert ddp == pytest.approx(one, abs=tolerance)
     s_ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     s_one = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert s_ddp["world_size"] == 2 and s_ddp["tokens_seen"] == s_one["tokens_seen"] == 6 * 8 * 32
-    assert s_ddp["val_loss"] == pytest.approx(s_one["val_loss"], abs=2e-5)
+    assert s_ddp["val_loss"] == pytest.approx(s_one["val_loss"], abs=tolerance)
     # rank 0 alone writes the run's records: one W&B run, one metrics file, rank 1 only its log
     assert len(list((tmp_path / "ddp" / "wandb").glob("offline-run-*"))) == 1
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if p.suffix == ".log") == ["rank1.log", "train.log"]

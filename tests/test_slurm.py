@@ -325,4 +325,4 @@ def test_a_restart_continues_only_its_own_run(tmp_path, monkeypatch, capsys):
     with pytest.raises(ConfigError) as info:
         check_own_run(run_dir, compose_run(["+experiment=smoke", "optim.lr=1e-2", f"paths.output_dir={run_dir}"]))
     line = str(info.value)
-    assert "\n" not in line and line.startswith("TORCHELASTIC_RESTART_COUNT=1: ") and "optim.lr: 0.003 -> 0.01" in line
+    assert "\n" not in line and line.startswith("TORCHELASTIC_RESTART_COUNT=1: ") and "optim.lr: 0.012 -> 0.01" in line

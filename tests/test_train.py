@@ -185,7 +185,7 @@ def test_training_steps_between_log_steps_do_not_read_device_values(tmp_path, ca
         monkeypatch.setattr(torch.Tensor, name, recording(name))
     # fused AdamW, as on a GPU: the CPU's for-loop AdamW reads its step counters; the fused kernel does not
     out, _ = run(tmp_path, cache_dir, ["trainer.max_steps=20", "trainer.val_check_interval=20", "trainer.log_every_n_steps=5",
-                                       "trainer.enable_progress_bar=true", "optim.fused=true", "logger=csv",
+                                       "trainer.enable_progress_bar=true", "optim=adamw", "optim.fused=true", "logger=csv",
                                        "sample.max_new_tokens=0", "export=false"])
     assert state["reads"] and {step % 5 for step in state["reads"]} == {0}  # only in batches that end at a log step
     bar, module_loss = state["bars"][-1], list(train_losses(out).values())[-1]
