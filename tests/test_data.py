@@ -1,7 +1,9 @@
 """olm.data: splits, tokenizers, caching, sampling/sharding/resume, statistics, errors. Tiny synthetic corpora."""
 
+import bz2
 import gzip
 import json
+import lzma
 import math
 import os
 import pickle
@@ -266,6 +268,10 @@ def test_datamodule_byte_stats_and_batches(text_dir, tmp_path):
     assert dm.val_bytes_per_token == 1.0
     assert dm.gzip_bits_per_byte() == 8 * len(gzip.compress(text, 9)) / len(text)
     assert 0.5 < dm.gzip_bits_per_byte() < 4  # repetitive synthetic text compresses well
+    # the reference compressors, each at its strongest setting, against the standard library's own
+    assert dm.compressor_bits_per_byte() == {
+        "gzip": 8 * len(gzip.compress(text, 9)) / len(text), "bz2": 8 * len(bz2.compress(text, 9)) / len(text),
+        "xz": 8 * len(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME)) / len(text)}
     assert dm.bits_per_byte(math.log(2)) == 1.0
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])

@@ -61,6 +61,7 @@ def test_tiny_run_learns_and_writes_its_run_dir(tmp_path, cache_dir):
     assert summary["val_loss"] == pytest.approx(value)
     assert summary["val_bpb"] == pytest.approx(value / math.log(2))  # byte tokens: one byte per token
     assert 0.5 < summary["gzip_bpb"] < 8 and summary["tokens_per_sec"] > 0 and summary["mfu"] is None  # no MFU on CPU
+    assert 0.5 < summary["bz2_bpb"] < 8 and 0.5 < summary["xz_bpb"] < 8
     losses = list(train_losses(out).values())
     assert len(losses) == 60
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5  # it learned
@@ -215,3 +216,14 @@ def test_progress_bar_follows_lightnings_choice_and_switch(monkeypatch):
     assert bar.get_metrics(None, Module()) == {"loss": "2.346"}  # and not the logger id
     Module.last_train_loss = None  # before the first log step: no loss shown
     assert bar.get_metrics(None, Module()) == {}
+
+
+def test_the_final_lines_show_the_reference_compressors():
+    from olm.train.outcome import final_lines
+
+    summary = {"val_loss": 1.1, "val_bpb": 1.598, "gzip_bpb": 1.9365, "bz2_bpb": 1.711, "xz_bpb": 1.7817,
+               "tokens_per_sec": 8000.0, "mfu": None}
+    lines = final_lines(Path("outputs/runs/x"), summary)
+    assert "val bits/byte 1.598 (on the same text: gzip -9 1.937, bz2 -9 1.711, xz -9e 1.782)" in lines
+    lines = final_lines(Path("outputs/runs/x"), {**summary, "gzip_bpb": None, "bz2_bpb": None, "xz_bpb": None})
+    assert "val bits/byte 1.598" in lines  # a bin source without a byte-level tokenizer: no text to compress
