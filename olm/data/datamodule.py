@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .corpus import SPLITS, BinCorpus, build_corpus
 from .tokenizers import ByteTokenizer, Tokenizer, build_tokenizer, default_cache_dir
+from .tokenizers import split_pieces as _pieces
 
 SEPARATOR = "\n\n"  # joins documents when the tokenizer has no eos token
 CACHE_VERSION = 1  # bump when the token-cache format or the joining rule changes
@@ -94,18 +95,6 @@ class WindowBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.num_batches
-
-
-def _pieces(doc: str, size: int) -> Iterator[str]:
-    """``doc`` in pieces of about ``size`` chars, cut after a newline where there is one. Lossless: they concatenate
-    back to ``doc``; only the tokens straddling a cut may differ from encoding the whole."""
-    start = 0
-    while len(doc) - start > size:
-        cut = doc.rfind("\n", start, start + size) + 1
-        cut = cut if cut > start else start + size
-        yield doc[start:cut]
-        start = cut
-    yield doc[start:]
 
 
 def tokenize_documents(docs: Iterable[str], tok: Tokenizer) -> Iterator[np.ndarray]:
