@@ -179,6 +179,8 @@ class ShardWriter:
         self._file = None
         self._tokens = self._docs = self._bytes = 0
         self._max_id = -1
+        for stale in split_dir.glob(".shard_*.tmp"):  # a killed run's unfinished shard: written again
+            stale.unlink()
 
     def _open(self) -> None:
         self._tmp = self.dir / f".{shard_name(len(self.records))}.bin.{os.getpid()}.tmp"
