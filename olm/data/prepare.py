@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Iterator
 
@@ -117,16 +117,18 @@ def _init_worker(tok: Tokenizer) -> None:
     _worker_tokenizer = tok
 
 
-def encode_documents(docs: list[str], tok: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids of the documents, each followed by the separator; tokens per document). Long documents are
-    encoded in pieces cut at newlines (``split_pieces``)."""
+def encode_documents(docs: list[str], tok: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token ids of the documents, each followed by the separator; tokens per document; UTF-8 bytes per document,
+    separator text included). Long documents are encoded in pieces cut at newlines (``split_pieces``)."""
     tok = tok or _worker_tokenizer
     dtype = token_dtype(tok.vocab_size)
     if isinstance(tok, ByteTokenizer):  # the bytes are the ids
         encoded = [(d + SEPARATOR).encode("utf-8") for d in docs]
         lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
-        return np.frombuffer(b"".join(encoded), np.uint8).astype(dtype), lengths
+        return np.frombuffer(b"".join(encoded), np.uint8).astype(dtype), lengths, lengths
     sep = [tok.eos_id] if tok.eos_id is not None else tok.encode(SEPARATOR)
+    sep_bytes = 0 if tok.eos_id is not None else len(SEPARATOR)
+    text_bytes = np.fromiter((len(d.encode("utf-8")) + sep_bytes for d in docs), np.int64, len(docs))
     pieces, owner = [], []  # owner: the document each piece belongs to
     for i, doc in enumerate(docs):
         for piece in split_pieces(doc, PIECE_CHARS):
@@ -139,7 +141,7 @@ def encode_documents(docs: list[str], tok: Tokenizer | None = None) -> tuple[np.
         lengths[owner[j]] += len(ids)
         if j + 1 == len(owner) or owner[j + 1] != owner[j]:  # the document's last piece
             parts.append(sep)
-    return np.fromiter((t for ids in parts for t in ids), dtype, int(lengths.sum())), lengths
+    return np.fromiter(chain.from_iterable(parts), dtype, int(lengths.sum())), lengths, text_bytes
 
 
 # -- shards ----------------------------------------------------------------------------------------------------------
@@ -276,11 +278,11 @@ def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
 
 
 def _ordered_map(fn, batches: Iterator[list[str]], workers: int, tok: Tokenizer):
-    """(batch, fn(batch)) in input order; with ``workers`` > 1 over a process pool with a bounded queue (Pool.imap
+    """fn(batch) in input order; with ``workers`` > 1 over a process pool with a bounded queue (Pool.imap
     would read the whole input ahead of the workers)."""
     if workers <= 1:
         for batch in batches:
-            yield batch, fn(batch, tok)
+            yield fn(batch, tok)
         return
     import multiprocessing as mp
 
@@ -292,13 +294,11 @@ def _ordered_map(fn, batches: Iterator[list[str]], workers: int, tok: Tokenizer)
     with context.Pool(workers, initializer=_init_worker, initargs=(tok,)) as pool:
         pending = collections.deque()
         for batch in batches:
-            pending.append((batch, pool.apply_async(fn, (batch,))))
+            pending.append(pool.apply_async(fn, (batch,)))
             if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
-                done, result = pending.popleft()
-                yield done, result.get()
+                yield pending.popleft().get()
         while pending:
-            done, result = pending.popleft()
-            yield done, result.get()
+            yield pending.popleft().get()
 
 
 def _input_files(corpus, split: str) -> list[tuple[str, int]]:
@@ -347,9 +347,7 @@ def prepare(input_path, out_dir, *, tokenizer: str | None = None, tokenizer_path
         bar = Progress(split, total, progress)
         # empty documents are skipped (no separator either); finished shards' documents are read, not tokenized
         docs = islice((d for d in corpus.documents(split) if d), writer.next_doc, None)
-        for batch, (ids, lengths) in _ordered_map(encode_documents, _batches(docs), workers, tok):
-            text_bytes = np.fromiter((len(d.encode("utf-8")) for d in batch), np.int64, len(batch))
-            text_bytes += 0 if tok.eos_id is not None else len(SEPARATOR)
+        for ids, lengths, text_bytes in _ordered_map(encode_documents, _batches(docs), workers, tok):
             writer.add(ids, lengths, text_bytes)
             bar.update(int(text_bytes.sum()), len(ids))
         bar.close()
