@@ -2,13 +2,15 @@
 worker processes, the mixture loader's tokens/s with 0..N DataLoader workers, and the datamodule's memory at two
 corpus sizes.
 
-    python benchmarks/data_pipeline.py prepare --mb 64 --workers 1 2
+    python benchmarks/data_pipeline.py prepare --mb 64 --workers 1 2 --rust-threads
     python benchmarks/data_pipeline.py loader --tokens 50000000 500000000 --workers 0 1 2
 
 prepare: the input is the running interpreter's standard library (.py files, ~31 MB) written as JSONL rows
 until it holds --mb MB, tokenized with a byte-level BPE of 4096 ids trained beforehand on the stdlib (training is
 not timed). Each setting runs `olm data prepare` in a fresh process; reported: input MB / wall seconds of the whole
-command, and the peak resident memory (ru_maxrss) of the main process and of the largest worker.
+command, and the peak resident memory (ru_maxrss) of the main process and of the largest worker. workers=1 is one
+process with one thread (TOKENIZERS_PARALLELISM=false); --rust-threads adds one process that lets the tokenizers
+library parallelise encode_batch over its own threads.
 
 loader: two prepared sources (weights 0.7 / 0.3) of random uint16 tokens in olm's prepared format (manifest,
 shards of 2**27 tokens), --tokens in all per corpus size; the datamodule of data.source=prepared with
@@ -80,19 +82,22 @@ def bench_prepare(args) -> list[dict]:
         tmp = Path(tmp)
         size = write_input(tmp / "input.jsonl", args.mb)
         build_bpe(StdlibCorpus(), 4096, tmp / "cache").save(tmp / "tokenizer")
-        for workers in args.workers:
-            out = tmp / f"out-{workers}"
+        settings = [(w, False) for w in args.workers] + ([(1, True)] if args.rust_threads else [])
+        for workers, rust_threads in settings:
+            out = tmp / f"out-{workers}-{rust_threads}"
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
-            if workers == 1:  # one process, one thread: the baseline the pool is compared with
+            env.pop("TOKENIZERS_PARALLELISM", None)
+            if workers == 1 and not rust_threads:  # one process, one thread: the baseline the pool is compared with
                 env["TOKENIZERS_PARALLELISM"] = "false"
             proc = subprocess.run([sys.executable, __file__, "prepare-once", "--input", str(tmp / "input.jsonl"),
                                    "--out", str(out), "--tokenizer", str(tmp / "tokenizer"), "--workers",
                                    str(workers)], capture_output=True, text=True, env=env, check=True)
             row = json.loads(proc.stdout.strip().splitlines()[-1])
-            row.update(workers=workers, input_mb=size / 1e6, mb_per_s=size / 1e6 / row["wall_s"],
-                       load=os.getloadavg()[0])
+            row.update(workers=workers, rust_threads=rust_threads, input_mb=size / 1e6,
+                       mb_per_s=size / 1e6 / row["wall_s"], load=os.getloadavg()[0])
             rows.append(row)
-            print(f"workers={workers}: {row['mb_per_s']:.2f} MB/s ({size / 1e6:.0f} MB in {row['wall_s']:.1f} s, "
+            label = " (the tokenizers library's own threads)" if rust_threads else ""
+            print(f"workers={workers}{label}: {row['mb_per_s']:.2f} MB/s ({size / 1e6:.0f} MB in {row['wall_s']:.1f} s, "
                   f"{row['tokens']:,} tokens), peak RSS main {row['main_peak_mb']:.0f} MB, largest worker "
                   f"{row['worker_peak_mb']:.0f} MB (1-min load average after it: {row['load']:.2f})", flush=True)
     return rows
@@ -183,6 +188,8 @@ def main(argv: list[str] | None = None):
     p = sub.add_parser("prepare")
     p.add_argument("--mb", type=float, default=64, help="input size in MB (stdlib sources as JSONL, repeated)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--rust-threads", action="store_true",
+                   help="also one process with the tokenizers library's own thread pool (its encode_batch default)")
     p = sub.add_parser("prepare-once")
     for flag in ("--input", "--out", "--tokenizer"):
         p.add_argument(flag, required=True)
