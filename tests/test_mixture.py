@@ -135,15 +135,35 @@ def rows(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_a_resumed_mixture_run_equals_an_uninterrupted_one_and_logs_val_per_source(mixture, tmp_path):
+def test_a_killed_mixture_run_resumes_to_an_uninterrupted_one_and_logs_val_per_source(mixture, tmp_path):
+    """olm-train on a mixture SIGKILLs itself at its 5th batch (checkpoint at step 3); resume=auto continues to the
+    same per-step losses as an uninterrupted run, whose per-source val metrics reach metrics.csv, W&B and
+    summary.json."""
+    import os
+    import signal
+    import subprocess
     import time
 
+    from test_reliability import FAULTS
     from wandb_records import summarize
 
     mix = sources_override(mixture)
-    whole = run(tmp_path, "whole", [mix, "trainer.max_steps=6", "logger=wandb"])
-    run(tmp_path, "parts", [mix, "trainer.max_steps=3", "logger=none"])
-    parts = run(tmp_path, "parts", [mix, "trainer.max_steps=6", "logger=none", "resume=auto"])
+    (tmp_path / "faults").mkdir()
+    (tmp_path / "faults" / "sitecustomize.py").write_text(FAULTS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path / "faults"),
+                                                                                 os.environ.get("PYTHONPATH", "")]),
+           "OLM_TEST_FAULT": json.dumps({"die": {"rank": 0, "batch": 5, "marker": str(tmp_path / "died")}})}
+    killed = subprocess.run([sys.executable, "-m", "olm.train", *TINY, mix, "trainer.max_steps=6", "logger=none",
+                             f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'parts'}"],
+                            env=env, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[1])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (tmp_path / "died").exists() and not (tmp_path / "parts" / "summary.json").exists()
+    threads = torch.get_num_threads()
+    try:  # one thread in both, as in the killed process: bit-identical arithmetic
+        parts = run(tmp_path, "parts", [mix, "trainer.max_steps=6", "logger=none", "resume=auto"])
+        whole = run(tmp_path, "whole", [mix, "trainer.max_steps=6", "logger=wandb"])
+    finally:
+        torch.set_num_threads(threads)
 
     def losses(run_dir):
         return {int(r["step"]): float(r["train/loss"]) for r in rows(run_dir) if r["train/loss"]}
