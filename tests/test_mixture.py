@@ -191,21 +191,25 @@ def test_a_killed_mixture_run_resumes_to_an_uninterrupted_one_and_logs_val_per_s
         time.sleep(0.5)
     assert [h["val/code/loss"] for h in history] == pytest.approx([float(r["val/code/loss"]) for r in val_rows])
     assert record["summary"]["val/prose/bpb"] == pytest.approx(last["val/prose/bpb"], rel=1e-6)
-    # the checkpoint records the data's tokenizer: continuing it on data of another tokenizer is refused
-    assert torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)["olm_tokenizer"]["identity"]
 
 
-def test_resuming_on_data_of_another_tokenizer_is_one_line(mixture, tmp_path, monkeypatch, capsys):
-    from olm.train.run import check_same_tokenizer
-    from olm.data import build_tokenizer
+def test_a_checkpoint_continued_on_data_of_another_tokenizer_is_one_line(mixture, tmp_path):
+    """Same model (vocabulary padded to 320), other tokenizer: a byte-level run's checkpoint on BPE-prepared data."""
     from olm.errors import ConfigError
 
-    tok = build_tokenizer("byte")
-    check_same_tokenizer({"tokenizer_identity": tok.identity}, tok, "last.ckpt")
+    bpe_data = tmp_path / "bpe"
+    prepare(mixture["prose"].parent / "prose-text", bpe_data, tokenizer="bpe", vocab_size=300, val_fraction=0.25,
+            workers=1, progress=False, cache_dir=tmp_path / "cache")
+    common = ["trainer.max_steps=2", "trainer.val_check_interval=2", "logger=none", "model.vocab_size=320"]
+    first = run(tmp_path, "byte", [f"data.path='{mixture['prose']}'", *common])
+    ckpt = first / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["olm_tokenizer"]["identity"] == TextDataModule(
+        source="prepared", path=str(mixture["prose"])).tokenizer.identity
     with pytest.raises(ConfigError) as info:
-        check_same_tokenizer({"tokenizer_identity": "0123456789abcdef"}, tok, "last.ckpt")
-    assert "last.ckpt was trained with another tokenizer (0123456789abcdef)" in str(info.value)
-    assert "\n" not in str(info.value)
+        run(tmp_path, "bpe-run", [f"data.path='{bpe_data}'", *common, f"ckpt_path='{ckpt}'"])
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{ckpt} was trained with another tokenizer (")
+    assert not (tmp_path / "bpe-run" / "config.yaml").exists()  # refused before the run wrote anything
 
 
 def test_olm_compare_compares_variants_per_source(tmp_path):
