@@ -179,6 +179,7 @@ def test_a_killed_mixture_run_resumes_to_an_uninterrupted_one_and_logs_val_per_s
     assert last["val/code/bpb"] == pytest.approx(last["val/code/loss"] / np.log(2), rel=1e-6)  # 1 byte per token
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["val_loss"] == pytest.approx(last["val/loss"], rel=1e-6)
+    assert summary["tokenizer"] == TextDataModule(source="prepared", path=str(mixture["code"])).tokenizer.identity
     for n in names[2:]:
         assert summary[n] == pytest.approx(last[n], rel=1e-6)
     wandb_file = next((whole / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -230,6 +231,12 @@ def test_olm_compare_compares_variants_per_source(tmp_path):
     rows = {r["variant"]: r for r in data["studies"][0]["variants"] if r["metric"] == "val/code/loss"}
     assert rows["ff_multiplier=4"]["mean"] == pytest.approx(np.mean(planted["4"]), abs=1e-12)
     assert rows["ff_multiplier=4"]["p"] == pytest.approx(sps.ttest_rel(planted["4"], planted["2"]).pvalue, abs=1e-9)
+    # the same config keys, but data prepared with other tokenizers (summary.json's identity): bits/byte, not loss
+    assert write_report([tmp_path / "sweep"], tmp_path / "auto")["studies"][0].metric == "val_loss"
+    for job in range(6):
+        path = tmp_path / "sweep" / str(job) / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer": "ab"[job // 3]}))
+    assert write_report([tmp_path / "sweep"], tmp_path / "mixed")["studies"][0].metric == "val_bpb"
 
 
 BAD = {  # override(s) -> the one line
