@@ -97,7 +97,8 @@ def bench_prepare(args) -> list[dict]:
                        mb_per_s=size / 1e6 / row["wall_s"], load=os.getloadavg()[0])
             rows.append(row)
             label = " (the tokenizers library's own threads)" if rust_threads else ""
-            print(f"workers={workers}{label}: {row['mb_per_s']:.2f} MB/s ({size / 1e6:.0f} MB in {row['wall_s']:.1f} s, "
+            print(f"workers={workers}{label}: {row['mb_per_s']:.2f} MB/s ({size / 1e6:.0f} MB in "
+                  f"{row['wall_s']:.1f} s, "
                   f"{row['tokens']:,} tokens), peak RSS main {row['main_peak_mb']:.0f} MB, largest worker "
                   f"{row['worker_peak_mb']:.0f} MB (1-min load average after it: {row['load']:.2f})", flush=True)
     return rows

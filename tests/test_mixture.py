@@ -85,7 +85,9 @@ def mixture(tmp_path_factory) -> dict[str, Path]:
 
 
 def sources_override(mixture, code=0.7, prose=0.3) -> str:
-    return f"data.sources={{code:{{path:'{mixture['code']}',weight:{code}}},prose:{{path:'{mixture['prose']}',weight:{prose}}}}}"
+    entries = [f"{name}:{{path:'{mixture[name]}',weight:{weight}}}" for name, weight in (("code", code),
+                                                                                     ("prose", prose))]
+    return f"data.sources={{{','.join(entries)}}}"
 
 
 def test_datamodule_windows_come_from_the_sources_shards(mixture):
@@ -240,7 +242,8 @@ def test_olm_compare_compares_variants_per_source(tmp_path):
 
 
 BAD = {  # override(s) -> the one line
-    "missing path": ("data.sources={{code:{{path:'{missing}',weight:1}}}}", "data.sources.code.path=", "does not exist"),
+    "missing path": ("data.sources={{code:{{path:'{missing}',weight:1}}}}", "data.sources.code.path=",
+                     "does not exist"),
     "weight <= 0": ("{mix0}", "data.sources.code.weight=0.0 must be a positive number"),
     "shorter than one sequence": ("{mix} data.seq_len=30000", "shorter than one sequence"),
     "another tokenizer": ("{mix} data.tokenizer=hf data.tokenizer_path='{bpe}'", "than data.tokenizer_path names"),

@@ -63,7 +63,17 @@ def test_token_totals_equal_a_direct_count_with_the_same_tokenizer(sources, tmp_
                     assert len(sizes) > 2 and all(s >= 700 for s in sizes[:-1])
             assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["identity"] == tok.identity
             assert load_tokenizer(out / "tokenizer").identity == tok.identity  # the tokenizer travels
-            assert PreparedSource(name, out, "data.path").num_tokens("train") == manifest["splits"]["train"]["num_tokens"]
+            read_back = PreparedSource(name, out, "data.path")
+            assert read_back.num_tokens("train") == manifest["splits"]["train"]["num_tokens"]
+    # the same rows as Parquet give the same tokens
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in sources["code"].read_text().splitlines()]
+    pq.write_table(pa.table({"text": [r["text"] for r in rows]}), tmp_path / "code.parquet")
+    prepare(tmp_path / "code.parquet", tmp_path / "parquet", val_fraction=0.2, workers=1, progress=False)
+    for split in ("train", "val"):
+        assert np.array_equal(shard_tokens(tmp_path / "parquet", split), shard_tokens(tmp_path / "code-byte", split))
 
 
 def test_a_crashed_prepare_resumes_keeping_finished_shards_and_equals_an_uninterrupted_one(sources, tmp_path,

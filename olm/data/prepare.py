@@ -287,18 +287,25 @@ def _ordered_map(fn, batches: Iterator[list[str]], workers: int, tok: Tokenizer)
     import multiprocessing as mp
 
     # the tokenizers library warns (and turns its threads off) in processes forked after it used them
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # fork where there is one: spawned workers re-import the caller's main module, which a script on stdin or in a
     # notebook does not have as a file
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    with context.Pool(workers, initializer=_init_worker, initargs=(tok,)) as pool:
-        pending = collections.deque()
-        for batch in batches:
-            pending.append(pool.apply_async(fn, (batch,)))
-            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+    try:
+        with context.Pool(workers, initializer=_init_worker, initargs=(tok,)) as pool:
+            pending = collections.deque()
+            for batch in batches:
+                pending.append(pool.apply_async(fn, (batch,)))
+                if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                    yield pending.popleft().get()
+            while pending:
                 yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    finally:  # the caller's own later tokenizing keeps its threads
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def _input_files(corpus, split: str) -> list[tuple[str, int]]:
@@ -335,7 +342,8 @@ def prepare(input_path, out_dir, *, tokenizer: str | None = None, tokenizer_path
     out = Path(out_dir).expanduser()
     _start_or_resume(out, recipe)
     tok.save(out / "tokenizer")
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers is None:  # the cores this process may run on (a container or a job step may have fewer)
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     splits = {}
     for split in SPLITS:
