@@ -88,7 +88,8 @@ class MixtureSchedule:
     def _layout(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """Block b: the source of each position, and each position's rank among its source's positions."""
         if b not in self._cache:
-            if len(self._cache) > 1:  # a batch spans at most two blocks... usually: keep the latest two
+            # a micro-batch's indices are contiguous, so with batch_size <= BLOCK they span at most two blocks
+            if len(self._cache) > 1:
                 self._cache.pop(min(self._cache))
             labels = self._labels[np.random.default_rng([self.seed, b]).permutation(self.block)]
             rank = np.empty(self.block, np.int64)
