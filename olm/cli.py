@@ -289,6 +289,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# corpus errors name the training config's keys; `olm data prepare` names its own arguments
+PREPARE_KEYS = {"data.path": "input", "data.pattern": "--pattern", "data.text_field": "--text-field",
+                "data.val_fraction": "--val-fraction", "data.tokenizer_vocab_size": "--vocab-size",
+                "data.tokenizer_path": "--tokenizer-path"}
+
+
+def cmd_data_prepare(args) -> int:
+    from olm.data.prepare import prepare  # no Lightning import
+
+    try:
+        manifest = prepare(args.input, args.out, tokenizer=args.tokenizer, tokenizer_path=args.tokenizer_path,
+                           vocab_size=args.vocab_size, format=args.format, pattern=args.pattern,
+                           text_field=args.text_field, val_fraction=args.val_fraction,
+                           shard_tokens=args.shard_tokens, workers=args.workers, progress=not args.quiet)
+    except ValueError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        for key, flag in PREPARE_KEYS.items():
+            message = message.replace(key, flag)
+        raise ConfigError(message) from None
+    splits = manifest["splits"]
+    shown = ", ".join(f"{name} {s['num_tokens']:,} tokens in {len(s['shards'])} shard(s)" for name, s in splits.items())
+    print(f"wrote {args.out}: {shown} ({manifest['dtype']}, tokenizer {manifest['tokenizer']['name']} "
+          f"{manifest['tokenizer']['identity']})")
+    return 0
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, with a bad argument reported as one line (``error: olm compare: argument --test: ...``)."""
 
@@ -382,6 +408,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "keep"],
                    help="weights dtype on import (keep: as stored)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("data", help="prepare training data (docs/data.md)")
+    data = p.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
+    p = data.add_parser("prepare", help="tokenize a corpus into token shards + manifest.json, for data.source=prepared",
+                        description="Tokenize a corpus into shards of token ids and a manifest (docs/data.md, "
+                        "'Prepared data'). Parallel, streaming, resumable: run the same command again after a kill.")
+    p.add_argument("input", help="a text file or folder of text files, a .jsonl/.parquet/.arrow file, or a local "
+                                 "Hugging Face dataset folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="the prepared dataset's folder (new, or an "
+                                                                 "unfinished run of the same command)")
+    p.add_argument("--tokenizer", choices=["byte", "bpe", "hf"],
+                   help="byte (default), bpe (trained on the input's train split), hf (a tokenizer.json); "
+                        "inferred from --tokenizer-path")
+    p.add_argument("--tokenizer-path", metavar="PATH",
+                   help="a tokenizer.json or folder, a saved olm tokenizer (a run's tokenizer/), or another "
+                        "prepared dataset, whose tokenizer is then reused (sources of a mixture must share one)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="bpe: the vocabulary size to train")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "hf_dataset"],
+                   help="auto: hf_dataset for .jsonl/.parquet/.arrow inputs, else text")
+    p.add_argument("--pattern", default="**/*.txt", help="text: the files to read under a folder")
+    p.add_argument("--text-field", default="text", help="hf_dataset: the column holding the text")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share, split by hash (docs/data.md)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 27,
+                   help="tokens per shard (closed at the next document end); default 134217728")
+    p.add_argument("--workers", type=int, help="tokenizing processes (default: all cores; 1: this process only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_prepare)
     return parser
 
 

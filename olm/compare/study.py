@@ -245,7 +245,9 @@ def _differs(runs: list[Run], key: str) -> bool:
 
 
 def choose_metric(study: Study, requested: str | None, flag: str = "--metric") -> str:
-    mixed = any(_differs(study.runs, k) for k in TOKENIZER_KEYS)
+    # the config's tokenizer keys, or (prepared data brings its own tokenizer) the identity the summary records
+    mixed = any(_differs(study.runs, k) for k in TOKENIZER_KEYS) or len(
+        {r.summary.get("tokenizer") for r in study.runs if r.summary and r.summary.get("tokenizer")}) > 1
     if requested is None:
         requested = next((str(r.config["compare.metric"]) for r in study.runs if r.config.get("compare.metric")),
                          "auto")

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-SOURCES = ("stdlib", "text", "bin", "hf_dataset")
+SOURCES = ("stdlib", "text", "bin", "hf_dataset", "prepared")  # prepared: olm.data.prepared
 SPLITS = ("train", "val")
 # a folder with one of these names anywhere below the stdlib root excludes everything under it
 STDLIB_EXCLUDE = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
@@ -295,4 +295,6 @@ def build_corpus(source: str = "stdlib", path=None, pattern: str = "**/*.txt", t
         return BinCorpus(path, token_dtype)
     if source == "hf_dataset":
         return HFDatasetCorpus(path, text_field, val_fraction)
+    if source == "prepared":
+        raise ValueError("data.source='prepared' is read by olm.data.prepared, not as a text corpus")
     raise ValueError(f"data.source={source!r} is not known; known: {', '.join(SOURCES)}")

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .corpus import SPLITS, BinCorpus, build_corpus
 from .tokenizers import ByteTokenizer, Tokenizer, build_tokenizer, default_cache_dir
+from .tokenizers import split_pieces as _pieces
 
 SEPARATOR = "\n\n"  # joins documents when the tokenizer has no eos token
 CACHE_VERSION = 1  # bump when the token-cache format or the joining rule changes
@@ -94,26 +95,17 @@ class WindowBatchSampler(Sampler[list[int]]):
             self._perms[e] = np.random.default_rng([self.seed, e]).permutation(self.num_windows)
         return int(self._perms[e][i])
 
+    def windows(self, gs: list[int]) -> list[int]:
+        return [self.window(g) for g in gs]
+
     def __iter__(self) -> Iterator[list[int]]:
         for b in range(self.start_batch, self.start_batch + self.num_batches):
-            yield [self.window(g) for g in self.global_indices(b)]
+            yield self.windows(self.global_indices(b))
         # exhausted: if Lightning iterates again (next epoch), continue rather than repeat
         self.start_batch += self.num_batches
 
     def __len__(self) -> int:
         return self.num_batches
-
-
-def _pieces(doc: str, size: int) -> Iterator[str]:
-    """``doc`` in pieces of about ``size`` chars, cut after a newline where there is one. Lossless: they concatenate
-    back to ``doc``; only the tokens straddling a cut may differ from encoding the whole."""
-    start = 0
-    while len(doc) - start > size:
-        cut = doc.rfind("\n", start, start + size) + 1
-        cut = cut if cut > start else start + size
-        yield doc[start:cut]
-        start = cut
-    yield doc[start:]
 
 
 def tokenize_documents(docs: Iterable[str], tok: Tokenizer) -> Iterator[np.ndarray]:
@@ -163,7 +155,7 @@ class TextDataModule(L.LightningDataModule):
                  tokenizer_vocab_size: int = 4096, tokenizer_path: str | None = None, vocab_size: int | None = None,
                  seq_len: int = 256, batch_size: int = 16, val_batches: int | None = None, val_fraction: float = 0.05,
                  seed: int = 0, num_workers: int = 0, pin_memory: bool | None = None,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, sources: dict | None = None):
         super().__init__()
         for key, value, low in [("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("seed", seed, 0),
                                 ("num_workers", num_workers, 0), ("val_batches", val_batches, 1)]:
@@ -179,14 +171,34 @@ class TextDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.cache_dir = Path(cache_dir or default_cache_dir())
         self.consumed_batches: int | None = None  # set to override the resume position read from the trainer
+        self.sources = dict(sources or {})
         self._corpus = self._tokenizer = self._train = self._val = None
+        self._prepared = None  # data.source='prepared': the checked sources (olm.data.prepared)
         self._val_text_cache: dict[int, tuple[bytes | None, int]] = {}  # keyed by num_val_windows()
         self._gzip_cache: dict[int, dict[str, float]] = {}
 
     # ---- corpus, tokenizer, token cache
 
     @property
+    def is_prepared(self) -> bool:
+        return self.source == "prepared"
+
+    @property
+    def prepared(self):
+        """The prepared sources (``data.source='prepared'``), checked: olm.data.prepared.open_sources."""
+        if self._prepared is None:
+            from .prepared import open_sources
+
+            named = None
+            if self.tokenizer_name == "hf" and self.tokenizer_path:
+                named = build_tokenizer("hf", path=self.tokenizer_path)
+            self._prepared = open_sources(self.sources, self.path, self.seq_len, named)
+        return self._prepared
+
+    @property
     def corpus(self):
+        if self.is_prepared:
+            raise ValueError("data.source='prepared' has no text corpus: its sources are already tokenized")
         if self._corpus is None:
             self._corpus = build_corpus(self.source, self.path, self.pattern, self.text_field, self.token_dtype,
                                         self.val_fraction)
@@ -194,11 +206,14 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def is_bin(self) -> bool:
-        return isinstance(self.corpus, BinCorpus)
+        return not self.is_prepared and isinstance(self.corpus, BinCorpus)
 
     @property
     def tokenizer(self) -> Tokenizer | None:
-        """The tokenizer; for ``bin`` sources None unless ``data.tokenizer='hf'`` names one (to decode samples)."""
+        """The tokenizer; for ``bin`` sources None unless ``data.tokenizer='hf'`` names one (to decode samples); for
+        prepared sources the one saved with them."""
+        if self._tokenizer is None and self.is_prepared:
+            self._tokenizer = self.prepared[0].tokenizer()
         if self._tokenizer is None and not (self.is_bin and self.tokenizer_name == "byte"):
             self._tokenizer = build_tokenizer(self.tokenizer_name, corpus=self.corpus,
                                               vocab_size=self.tokenizer_vocab_size, path=self.tokenizer_path,
@@ -260,13 +275,16 @@ class TextDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node before setup(): the expensive, once-only work
-        if not self.is_bin:
+        if not self.is_bin and not self.is_prepared:
             self._token_cache()
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is not None:
             return
         V = self.vocab_size  # first: a missing vocab size fails before any pass over the data
+        if self.is_prepared:
+            self._setup_prepared(V)
+            return
         if self.is_bin:
             files = {s: (self.corpus.file(s), self.corpus.dtype.name, self._bin_max_id(s)) for s in SPLITS}
         else:
@@ -283,6 +301,19 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(f"data.seq_len={self.seq_len} needs at least {self.seq_len + 1} tokens per split; "
                                  f"the {split} split has {ds.num_tokens}")
         self._train, self._val = train, val
+
+    def _setup_prepared(self, vocab_size: int) -> None:
+        from .mixture import MixtureWindows
+        from .prepared import StreamWindows
+
+        for src in self.prepared:
+            for split in SPLITS:
+                if src.max_id(split) >= vocab_size:
+                    raise ValueError(f"token id {src.max_id(split)} in the {split} split of {src.key} is >= the vocab "
+                                     f"size {vocab_size} (data.vocab_size={self.vocab_size_cfg})")
+        self._val_parts = [StreamWindows(src.tokens("val"), self.seq_len) for src in self.prepared]
+        self._train = MixtureWindows([StreamWindows(src.tokens("train"), self.seq_len) for src in self.prepared])
+        self._val = self._val_parts[0]
 
     # ---- loaders
 
@@ -309,42 +340,88 @@ class TextDataModule(L.LightningDataModule):
         start, t, num = self.start_batch(), self.trainer, INFINITE
         if t is not None and t.max_steps is not None and t.max_steps > 0:
             num = max(t.max_steps * t.accumulate_grad_batches - start, 0)
+        if self.is_prepared:
+            from .mixture import MixtureBatchSampler
+
+            return MixtureBatchSampler([len(p) for p in self._train.parts], [s.weight for s in self.prepared],
+                                       self.batch_size, self.seed, rank, world, start, num)
         return WindowBatchSampler(len(self._train), self.batch_size, self.seed, rank, world, start, num)
 
     def train_dataloader(self) -> DataLoader:
         sampler = self.train_sampler()  # sets up first
         return self._loader(self._train, sampler)
 
-    def num_val_windows(self) -> int:
-        """Val windows evaluated over all ranks: a multiple of the world size."""
+    def num_val_windows(self, val: Dataset | None = None) -> int:
+        """Val windows evaluated over all ranks (of ``val``, a prepared source's val windows; default the val
+        split): a multiple of the world size."""
         self.setup()
         world = self._rank_world()[1]
-        n = len(self._val)
+        val = self._val if val is None else val
+        n = len(val)
         if self.val_batches is not None:
             n = min(n, self.val_batches * self.batch_size * world)
         if n < world:
-            raise ValueError(f"data.seq_len={self.seq_len} leaves {len(self._val)} val windows, fewer than the "
+            raise ValueError(f"data.seq_len={self.seq_len} leaves {len(val)} val windows, fewer than the "
                              f"{world} ranks")
         return n - n % world
 
-    def val_dataloader(self) -> DataLoader:
+    def _val_loader(self, val: Dataset) -> DataLoader:
         rank, world = self._rank_world()
-        per = self.num_val_windows() // world
+        per = self.num_val_windows(val) // world
         lo, hi = rank * per, (rank + 1) * per
         batches = [list(range(i, min(i + self.batch_size, hi))) for i in range(lo, hi, self.batch_size)]
-        return self._loader(self._val, batches)
+        return self._loader(val, batches)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The val split's loader; for prepared sources one loader per source, in ``val_source_names()`` order."""
+        self.setup()
+        if self.is_prepared:
+            return [self._val_loader(val) for val in self._val_parts]
+        return self._val_loader(self._val)
+
+    def val_source_names(self) -> list[str]:
+        """The names of the val loaders (prepared sources), [] for the other sources (one val split)."""
+        return [src.name for src in self.prepared] if self.is_prepared else []
+
+    def source_bytes_per_token(self) -> list[float | None]:
+        """Bytes per val token of each prepared source (``val_source_names()`` order)."""
+        self.setup()
+        counts = [self._prepared_val_text([i])[1:] for i in range(len(self._val_parts))]
+        return [nbytes / tokens for tokens, nbytes in counts]
 
     # ---- statistics
 
     @property
     def num_train_tokens(self) -> int:
         self.setup()
+        if self.is_prepared:
+            return sum(p.num_tokens for p in self._train.parts)
         return self._train.num_tokens
 
     @property
     def num_val_tokens(self) -> int:
         self.setup()
+        if self.is_prepared:
+            return sum(p.num_tokens for p in self._val_parts)
         return self._val.num_tokens
+
+    def _prepared_val_text(self, parts: list[int]) -> tuple[bytes | None, int, int]:
+        """(the bytes if known, tokens, bytes) of the evaluated val windows of the prepared sources ``parts``: exact
+        with a byte-level tokenizer; else (None, the manifests' tokens and bytes of the whole val splits)."""
+        tok, texts, tokens, nbytes = self.tokenizer, [], 0, 0
+        for i in parts:
+            val, src = self._val_parts[i], self.prepared[i]
+            if tok.token_bytes is not None:
+                span = val.stream.read(1, self.num_val_windows(val) * self.seq_len)
+                texts.append(b"".join(map(tok.token_bytes.__getitem__, span.tolist())))
+                tokens += len(span)
+            else:
+                split = src.manifest["splits"]["val"]
+                nbytes, tokens = nbytes + split["num_bytes"], tokens + split["num_tokens"]
+        if tok.token_bytes is None:
+            return None, tokens, nbytes
+        text = b"".join(texts)
+        return text, tokens, len(text)
 
     def val_text(self) -> tuple[bytes | None, int]:
         """(UTF-8 bytes, tokens) that bits-per-byte is measured over.
@@ -355,6 +432,11 @@ class TextDataModule(L.LightningDataModule):
         byte-level tokenizer).
         """
         n = self.num_val_windows()
+        if self.is_prepared:
+            if n not in self._val_text_cache:
+                text, tokens, _ = self._prepared_val_text(list(range(len(self._val_parts))))
+                self._val_text_cache[n] = (text, tokens if text is not None else 0)
+            return self._val_text_cache[n]
         if n not in self._val_text_cache:
             tok, span = self.tokenizer, self._val.tokens[1: n * self.seq_len + 1]
             if tok is not None and tok.token_bytes is not None:
@@ -373,6 +455,9 @@ class TextDataModule(L.LightningDataModule):
     @property
     def val_bytes_per_token(self) -> float | None:
         """UTF-8 bytes per val token over ``val_text()``; None for a bin source without a byte-level tokenizer."""
+        if self.is_prepared:
+            _, tokens, nbytes = self._prepared_val_text(list(range(len(self._val_parts))))
+            return nbytes / tokens
         text, tokens = self.val_text()
         return None if text is None else len(text) / tokens
 

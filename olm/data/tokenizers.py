@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import tokenizers as hf
 
@@ -72,6 +72,13 @@ class Tokenizer:
     def as_tokenizers(self) -> hf.Tokenizer:
         """The same tokenizer as a ``tokenizers.Tokenizer``."""
         raise NotImplementedError
+
+    @property
+    def identity(self) -> str:
+        """A hash of what the tokenizer does (its ``tokenizers`` JSON and its eos id), not of its name or where it
+        was loaded from: a BPE saved with prepared data and loaded back as ``hf`` is the same tokenizer."""
+        spec = json.dumps([self.as_tokenizers().to_str(), self.eos_id])
+        return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
 class ByteTokenizer(Tokenizer):
@@ -157,6 +164,18 @@ class HFTokenizer(Tokenizer):
         self.__dict__.update(state)
         self.tok = hf.Tokenizer.from_str(state["tok"])
         self.tok.encode_special_tokens = True
+
+
+def split_pieces(doc: str, size: int) -> Iterator[str]:
+    """``doc`` in pieces of about ``size`` chars, cut after a newline where there is one. Lossless: they concatenate
+    back to ``doc``; only the tokens straddling a cut may differ from encoding the whole."""
+    start = 0
+    while len(doc) - start > size:
+        cut = doc.rfind("\n", start, start + size) + 1
+        cut = cut if cut > start else start + size
+        yield doc[start:cut]
+        start = cut
+    yield doc[start:]
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> hf.Tokenizer:

@@ -146,6 +146,18 @@ def progress_bars(enable_progress_bar) -> list[TQDMProgressBar | RichProgressBar
     return [RichLossProgressBar() if _RICH_AVAILABLE else LossProgressBar()]
 
 
+class TokenizerRecord(L.Callback):
+    """Writes the identity of the data's tokenizer (``Tokenizer.identity``) into every checkpoint, so that resuming or
+    fine-tuning it on data of another tokenizer is refused (olm.train.run.check_same_tokenizer)."""
+
+    def __init__(self, identity: str):
+        self.identity = identity
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["olm_tokenizer"] = {"identity": self.identity}
+
+
+
 class CheckpointWriteError(OlmError, RuntimeError):
     """A checkpoint could not be written (full disk, quota, read-only or vanished directory); names the file."""
 

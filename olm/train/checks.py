@@ -121,7 +121,9 @@ def _check_between_keys(cfg: DictConfig, dry_run: bool = False) -> None:
         raise ConfigError("resume=auto and ckpt_path are both set; use one (resume=auto: the run dir's last checkpoint)")
     _check_strategy(trainer.strategy)
     check_float8(cfg.float8, cfg.float8_head)
-    if cfg.data.source != "stdlib" and not cfg.data.path:
+    if cfg.data.source == "prepared":
+        _check_prepared(cfg.data)
+    elif cfg.data.source != "stdlib" and not cfg.data.path:
         raise ConfigError(f"data.path must be set for data.source={cfg.data.source!r} (a file or a directory)")
     _check_eval(cfg)
     max_seq_len = cfg.model.get("max_seq_len")  # the model kind's own key, if it has one
@@ -160,6 +162,19 @@ def check_optimizer_fits(cfg: DictConfig, model: torch.nn.Module) -> None:
 
     if cfg.optim.name == "muon":
         muon_matrices(parameter_roles(model)["hidden"])
+
+
+def _check_prepared(data: DictConfig) -> None:
+    """Prepared sources: the folders, manifests, shard sizes, lengths and tokenizers (olm.data.prepared reads only
+    manifests and file sizes, so this is cheap)."""
+    from olm.data.prepared import open_sources
+    from olm.data.tokenizers import load_hf
+
+    try:
+        named = load_hf(data.tokenizer_path) if data.tokenizer == "hf" else None
+        open_sources(data.sources, data.path, data.seq_len, named)
+    except ValueError as exc:
+        raise ConfigError(first_line(exc)) from None
 
 
 def _check_eval(cfg: DictConfig) -> None:

@@ -218,6 +218,10 @@ def _missing_option(exc) -> str:
     return f"{group}={value} is not a known option of {group!r}" + did_you_mean(value, options)
 
 
+def _related(key: str, other: str) -> bool:
+    return key == other or key.startswith(other + ".") or other.startswith(key + ".")
+
+
 def _composition_error(overrides: list[str], exc: Exception, config_path, config_dir, config_name) -> str:
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
@@ -231,7 +235,8 @@ def _composition_error(overrides: list[str], exc: Exception, config_path, config
     reason = first_line(cause)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and full_key:
         parent, _, key = full_key.rpartition(".")
-        others = [o for o in overrides if not o.lstrip("+~").startswith(full_key)]
+        # without the overrides of that key or of a node above or below it (data.sources={...} for data.sources.x)
+        others = [o for o in overrides if not _related(o.lstrip("+~").split("=", 1)[0], full_key)]
         node = None
         try:
             base = compose(others, config_path=config_path, config_dir=config_dir, config_name=config_name)

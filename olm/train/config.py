@@ -44,7 +44,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
 # Strategy names checked without importing Lightning; any other name is looked up in Lightning's registry.
 STRATEGIES = ("auto", "ddp", "fsdp", "ddp_spawn", "ddp_fork", "ddp_notebook", "single_device")
 # olm.data's choices, repeated here so that composing needs no data import; a test keeps the two equal.
-DATA_SOURCES = ("stdlib", "text", "bin", "hf_dataset")
+DATA_SOURCES = ("stdlib", "text", "bin", "hf_dataset", "prepared")
 TOKENIZERS = ("byte", "bpe", "hf")
 TOKEN_DTYPES = ("uint16", "uint32")
 
@@ -103,6 +103,15 @@ def one_of_or_bool(*names: str) -> Callable[[Any], bool]:
 
 # -- the schemas -----------------------------------------------------------------------------------------------------
 @dataclass
+class SourceConfig:
+    """One source of ``data.source=prepared``: a folder written by ``olm data prepare``, and its share of the
+    training samples (weights are relative: they need not sum to 1)."""
+
+    path: str = MISSING
+    weight: float = setting(1.0, check=positive_number, allowed="a positive number")
+
+
+@dataclass
 class DataConfig:
     """``olm.data.TextDataModule``'s arguments (docs/data.md)."""
 
@@ -126,6 +135,8 @@ class DataConfig:
     num_workers: int = setting(0, check=non_negative_int, allowed="an integer >= 0")
     pin_memory: Optional[bool] = None
     cache_dir: str = "${paths.cache_dir}"
+    # data.source=prepared: {name: {path, weight}}, sampled by weight; each is validated as val/<name>/loss and bpb.
+    sources: Dict[str, SourceConfig] = field(default_factory=dict, metadata={"entries": SourceConfig})
 
 
 @dataclass
@@ -447,6 +458,10 @@ def _vocab_size(*, _parent_) -> int:
     from olm.data import known_vocab_size
 
     try:
+        if _parent_.source == "prepared" and _parent_.tokenizer != "hf":  # the tokenizer saved with the data
+            from olm.data.prepared import prepared_vocab_size
+
+            return prepared_vocab_size(_parent_.sources, _parent_.path)
         return known_vocab_size(_parent_.source, _parent_.tokenizer, _parent_.tokenizer_vocab_size,
                                 _parent_.tokenizer_path)
     except ValueError as exc:
@@ -561,6 +576,7 @@ def register_configs() -> None:
         return
     root = OmegaConf.structured(TrainConfig)
     OmegaConf.set_struct(root, False)  # experiments' own variables; the command line is strict all the same
+    OmegaConf.set_struct(root.data.sources, False)  # names of one's own: data.sources={code: {path: ...}}
     store.store(name="schema_train", node=root)
     for entry in registry.entries("optimizer"):  # conf/optim/<name>.yaml extends optim/schema_<name>
         store.store(group="optim", name=f"schema_{entry.name}", node=entry.cls)
@@ -597,6 +613,13 @@ def _fields(schema: type, node: DictConfig, prefix: str = ""):
         if nested is not None:
             if isinstance(sub, DictConfig) and not sub._is_none():
                 yield from _fields(nested, sub, f"{key}.")
+            continue
+        entries = f.metadata.get("entries")  # a mapping of name -> schema (data.sources)
+        if entries is not None:
+            sub = node._get_node(f.name)
+            if isinstance(sub, DictConfig) and not sub._is_none():
+                for name in sub.keys():
+                    yield from _fields(entries, sub._get_node(name), f"{key}.{name}.")
             continue
         if f.metadata.get("choices") is not None or f.metadata.get("check") is not None:
             yield key, f, node[f.name]  # resolved only here: other keys may need a running Hydra job

@@ -59,6 +59,8 @@ class LMModule(L.LightningModule):
         self.last_train_loss: float | None = None  # mean training loss of the last logged interval (progress bar)
         self._val_sum = None
         self._val_count = None
+        # (name, bytes per token) of each val loader when the data has several sources: val/<name>/loss, .../bpb
+        self.val_sources: list[tuple[str, float | None]] = []
         self.save_hyperparameters({"model": self.model_cfg, "optim": dataclasses.asdict(self.optim_cfg),
                                    "scheduler": dataclasses.asdict(self.scheduler_cfg)})
 
@@ -235,22 +237,28 @@ class LMModule(L.LightningModule):
     def on_validation_epoch_start(self):
         if self.trainer.state.fn == "fit":
             self.check_finite()
-        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
+        loaders = max(1, len(self.val_sources))  # one sum per val loader (per data source)
+        self._val_sum = torch.zeros(loaders, device=self.device, dtype=torch.float64)
+        self._val_count = torch.zeros(loaders, device=self.device, dtype=torch.float64)
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         idx, targets = batch
         loss_sum = self.loss(idx, targets, reduction="sum")
-        self._val_sum += loss_sum.double()
-        self._val_count += targets.numel()
+        self._val_sum[dataloader_idx] += loss_sum.double()
+        self._val_count[dataloader_idx] += targets.numel()
 
     def on_validation_epoch_end(self):
-        # Token-weighted mean over every rank's windows, reduced once.
+        # Token-weighted means over every rank's windows, reduced once: overall, and per source.
         total = self.trainer.strategy.reduce(torch.stack([self._val_sum, self._val_count]), reduce_op="sum")
-        val_loss = (total[0] / total[1].clamp_min(1)).float()
+        val_loss = (total[0].sum() / total[1].sum().clamp_min(1)).float()
         metrics = {"val/loss": val_loss, "val/ppl": torch.exp(val_loss)}
         if self.bytes_per_token:
             metrics["val/bpb"] = val_loss / math.log(2) / self.bytes_per_token
+        for i, (name, bytes_per_token) in enumerate(self.val_sources):
+            source_loss = (total[0, i] / total[1, i].clamp_min(1)).float()
+            metrics[f"val/{name}/loss"] = source_loss
+            if bytes_per_token:
+                metrics[f"val/{name}/bpb"] = source_loss / math.log(2) / bytes_per_token
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, prog_bar=False)  # already reduced: same on every rank
         # ModelCheckpoint monitors a name without "/" so that it can appear in checkpoint file names.
         self.log("val_loss", val_loss, on_step=False, on_epoch=True, prog_bar=True, logger=False, sync_dist=True)

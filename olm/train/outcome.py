@@ -119,6 +119,7 @@ def summarize(run_dir: Path, metrics: dict[str, float], *, datamodule, trainer, 
         "val_bpb": metrics.get("val/bpb"),
         # gzip -9, bz2 -9 and xz -9e on the same text (gzip_bpb, bz2_bpb, xz_bpb).
         **{f"{name}_bpb": value for name, value in (datamodule.compressor_bits_per_byte() or {}).items()},
+        "tokenizer": datamodule.tokenizer.identity if datamodule.tokenizer is not None else None,
         "num_parameters": num_params,
         "steps": trainer.global_step,
         "tokens_seen": trainer.global_step * throughput.tokens_per_step,

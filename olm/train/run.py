@@ -171,7 +171,27 @@ def read_checkpoint_meta(path: str | None) -> dict:
     from olm.train.checkpoint import load_checkpoint
 
     state = load_checkpoint(path, mmap=True)
-    return {**state.get("olm", {}), "global_step": state.get("global_step")}
+    tokenizer = (state.get("olm_tokenizer") or {}).get("identity")  # olm.train.callbacks.TokenizerRecord
+    return {**state.get("olm", {}), "global_step": state.get("global_step"), "tokenizer_identity": tokenizer}
+
+
+def check_same_tokenizer(meta: dict, tokenizer, ckpt_path: str) -> None:
+    """A checkpoint continues only on data of its own tokenizer: the identity it records, else (checkpoints written
+    before it recorded one) the tokenizer saved in its run dir."""
+    if tokenizer is None:
+        return
+    saved = meta.get("tokenizer_identity")
+    if saved is None:
+        from olm.data import load_tokenizer
+
+        run_tokenizer = Path(ckpt_path).resolve().parent.parent / "tokenizer"
+        if not (run_tokenizer / "tokenizer_meta.json").is_file():
+            return
+        saved = load_tokenizer(run_tokenizer).identity
+    if saved != tokenizer.identity:
+        raise ConfigError(f"{ckpt_path} was trained with another tokenizer ({saved}) than the data's "
+                          f"({tokenizer.name} {tokenizer.identity}); continue it on data prepared with its tokenizer "
+                          "(olm data prepare --tokenizer-path <its run dir>/tokenizer)")
 
 
 def check_same_model(meta: dict, model, ckpt_path: str) -> None:
@@ -239,7 +259,8 @@ def train(cfg: DictConfig) -> float | None:
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from olm.train.callbacks import AtomicModelCheckpoint, QuietModelSummary, ThroughputMonitor, progress_bars
+    from olm.train.callbacks import (AtomicModelCheckpoint, QuietModelSummary, ThroughputMonitor, TokenizerRecord,
+                                     progress_bars)
     from olm.train.module import LMModule
     from olm.train.speed import cpu_threads, processes_on_this_machine
     from olm.train.strategies import HydraJobLauncher, RankFailure, cleanup_after_job, rank_failure
@@ -271,8 +292,11 @@ def train(cfg: DictConfig) -> float | None:
         log_every_n_steps=trainer_cfg.log_every_n_steps, bytes_per_token=datamodule.val_bytes_per_token,
         skip_nonfinite_batches=callbacks_cfg.nan_guard.skip_batches,
     )
+    if datamodule.val_source_names():  # several sources: val/<source>/loss and bpb besides the overall
+        module.val_sources = list(zip(datamodule.val_source_names(), datamodule.source_bytes_per_token()))
     if ckpt_path:
         check_same_model(meta, module.model, ckpt_path)
+        check_same_tokenizer(meta, datamodule.tokenizer, ckpt_path)
     num_params = module.model.num_parameters()
     continuing = has_record(run_dir)  # this run dir's own run goes on: its record is replaced once it finishes
     if not continuing and first_process():
@@ -298,6 +322,8 @@ def train(cfg: DictConfig) -> float | None:
         save_last=callbacks_cfg.checkpoint.save_last,
     )
     callbacks = [throughput, checkpoint, *progress_bars(trainer_cfg.enable_progress_bar)]
+    if datamodule.tokenizer is not None:
+        callbacks.append(TokenizerRecord(datamodule.tokenizer.identity))
     downstream = None
     if callbacks_cfg.eval.tasks:
         from olm.train.callbacks import DownstreamEval
