@@ -37,11 +37,12 @@ def losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optim, tolerance", [("adamw", 2e-5), ("muon", 5e-4)])
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, optim, tolerance):
-    """Equal to float rounding with AdamW; torch's Muon orthogonalises in bfloat16, which turns the all-reduce's
-    rounding differences into ~1e-4 of loss after a few steps (a wrong batch split would differ by ~1e-1)."""
-    common = ["trainer.max_steps=6", "trainer.val_check_interval=3", "logger=wandb", f"optim={optim}"]
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    """With the default optimizer, Muon. torch's Muon orthogonalises in bfloat16, which turns the all-reduce's
+    rounding differences into ~1e-4 of loss after a few steps (a wrong batch split would differ by ~1e-1); with
+    AdamW the same comparison holds to 2e-5 (tests/test_mixture.py, on a mixture of prepared sources)."""
+    tolerance = 5e-4
+    common = ["trainer.max_steps=6", "trainer.val_check_interval=3", "logger=wandb"]
     olm_train([*common, "trainer=ddp_cpu", "data.batch_size=4", f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path / "cache")
     olm_train([*common, "trainer=cpu", "data.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path / "cache")
     ddp, one = losses(tmp_path / "ddp"), losses(tmp_path / "one")

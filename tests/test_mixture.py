@@ -300,3 +300,34 @@ def test_bad_input_is_one_line_through_every_entry_point(case, bad_inputs, monke
     with pytest.raises(ConfigError) as info:
         check_run(cfg)
     assert all(m in str(info.value) for m in messages) and "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_on_a_mixture_equal_one_process_with_their_global_batch(mixture, tmp_path):
+    """2 DDP ranks with 2 windows each train exactly as one process with 4: the ranks read disjoint samples whose
+    union is the one process's batch (a repeated or missing sample would change the loss at the first step), and
+    the per-source validation, split across ranks, gives the same numbers."""
+    import os
+    import subprocess
+
+    def train_with(name: str, overrides: list[str]) -> Path:
+        out = tmp_path / name
+        args = [a for a in TINY if not a.startswith(("trainer=", "data.batch_size="))]
+        proc = subprocess.run([sys.executable, "-m", "olm.train", *args, *overrides, sources_override(mixture),
+                               "optim=adamw", "trainer.max_steps=6", "logger=csv", f"hydra.run.dir={out}",
+                               f"paths.cache_dir={tmp_path / 'cache'}"], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return out
+
+    ddp = train_with("ddp", ["trainer=ddp_cpu", "data.batch_size=2"])
+    one = train_with("one", ["trainer=cpu", "data.batch_size=4"])
+
+    def losses(run_dir):
+        return [float(r["train/loss"]) for r in rows(run_dir) if r.get("train/loss")]
+
+    assert len(losses(ddp)) == 6 and losses(ddp) == pytest.approx(losses(one), abs=2e-5)
+    s_ddp, s_one = (json.loads((d / "summary.json").read_text()) for d in (ddp, one))
+    assert s_ddp["world_size"] == 2 and s_ddp["tokens_seen"] == s_one["tokens_seen"] == 6 * 4 * 32
+    for key in ("val_loss", "val/code/loss", "val/prose/loss"):
+        assert s_ddp[key] == pytest.approx(s_one[key], abs=2e-5), key

@@ -218,8 +218,13 @@ def _missing_option(exc) -> str:
     return f"{group}={value} is not a known option of {group!r}" + did_you_mean(value, options)
 
 
-def _related(key: str, other: str) -> bool:
-    return key == other or key.startswith(other + ".") or other.startswith(key + ".")
+def _related(override: str, full_key: str) -> bool:
+    """Whether ``override`` sets ``full_key``, a key below it, or a mapping above it (``data.sources={...}`` for
+    ``data.sources.x``); a group choice above it (``optim=adamw``) stays, since it decides which keys exist."""
+    key, _, value = override.lstrip("+~").partition("=")
+    if key == full_key or key.startswith(full_key + "."):
+        return True
+    return full_key.startswith(key + ".") and value.lstrip().startswith("{")
 
 
 def _composition_error(overrides: list[str], exc: Exception, config_path, config_dir, config_name) -> str:
@@ -236,7 +241,7 @@ def _composition_error(overrides: list[str], exc: Exception, config_path, config
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and full_key:
         parent, _, key = full_key.rpartition(".")
         # without the overrides of that key or of a node above or below it (data.sources={...} for data.sources.x)
-        others = [o for o in overrides if not _related(o.lstrip("+~").split("=", 1)[0], full_key)]
+        others = [o for o in overrides if not _related(o, full_key)]
         node = None
         try:
             base = compose(others, config_path=config_path, config_dir=config_dir, config_name=config_name)
