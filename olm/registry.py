@@ -19,6 +19,7 @@ This module imports nothing of olm but the error types (olm.errors).
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import importlib
 import inspect
 import types
@@ -83,8 +84,6 @@ def _first_doc_line(obj: Any) -> str:
 def _signature_params(cls: Callable) -> dict[str, Param]:
     """The constructor's parameters; a dataclass field with a default factory shows the value the factory makes,
     and a dataclass's ``name`` field (the registered name itself) is left out."""
-    import dataclasses
-
     sig = inspect.signature(cls)
     factories = {f.name: f.default_factory for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
     params = {}

@@ -38,11 +38,12 @@ CACHE_VERSION = 1  # bump when the token-cache format or the joining rule change
 PIECE_CHARS = 1 << 20  # long documents are encoded in pieces this size so encode_batch can use every core
 CHUNK_CHARS = 1 << 23  # text handed to the tokenizer per call: bounds memory on large corpora
 INFINITE = 10**12  # "length" of the train sampler when the number of steps is unknown
-# The general-purpose compressors a model's bits/byte is shown against, each at its strongest setting.
+# The general-purpose compressors a model's bits/byte is shown against, each at its strongest setting:
+# name -> (how the final line shows it, compress).
 COMPRESSORS = {
-    "gzip": lambda text: gzip.compress(text, 9),
-    "bz2": lambda text: bz2.compress(text, 9),
-    "xz": lambda text: lzma.compress(text, preset=9 | lzma.PRESET_EXTREME),
+    "gzip": ("gzip -9", lambda text: gzip.compress(text, 9)),
+    "bz2": ("bz2 -9", lambda text: bz2.compress(text, 9)),
+    "xz": ("xz -9e", lambda text: lzma.compress(text, preset=9 | lzma.PRESET_EXTREME)),
 }
 
 
@@ -175,7 +176,7 @@ class TextDataModule(L.LightningDataModule):
         self._corpus = self._tokenizer = self._train = self._val = None
         self._prepared = None  # data.source='prepared': the checked sources (olm.data.prepared)
         self._val_text_cache: dict[int, tuple[bytes | None, int]] = {}  # keyed by num_val_windows()
-        self._gzip_cache: dict[int, dict[str, float]] = {}
+        self._compressed_cache: dict[int, dict[str, float]] = {}
 
     # ---- corpus, tokenizer, token cache
 
@@ -473,9 +474,10 @@ class TextDataModule(L.LightningDataModule):
         if text is None:
             return None
         n = self.num_val_windows()
-        if n not in self._gzip_cache:
-            self._gzip_cache[n] = {name: 8 * len(compress(text)) / len(text) for name, compress in COMPRESSORS.items()}
-        return self._gzip_cache[n]
+        if n not in self._compressed_cache:
+            self._compressed_cache[n] = {name: 8 * len(compress(text)) / len(text)
+                                         for name, (_, compress) in COMPRESSORS.items()}
+        return self._compressed_cache[n]
 
     def gzip_bits_per_byte(self) -> float | None:
         """gzip -9's bits per byte on the bytes bpb is over (``compressor_bits_per_byte``)."""

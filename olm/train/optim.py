@@ -75,8 +75,7 @@ def _group(role: str, params: list, cfg: OptimizerConfig, lr_scale: float = 1.0)
     decays = role in ("hidden", "head") or (role == "embedding" and cfg.decay_embeddings) or (
         role == "vector" and cfg.decay_norms_and_biases)
     lr = cfg.lr * getattr(cfg.lr_multipliers, role) * lr_scale
-    return {"params": params, "role": role, "lr": lr, "weight_decay": cfg.weight_decay if decays else 0.0,
-            "width_scale": lr_scale}
+    return {"params": params, "role": role, "lr": lr, "weight_decay": cfg.weight_decay if decays else 0.0}
 
 
 def parameter_groups(model: torch.nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
@@ -149,7 +148,7 @@ def _muon(groups: list[dict], cfg: MuonConfig, device_type: str) -> torch.optim.
         mine = [p for p in g["params"] if id(p) in muon_ids]
         rest = [p for p in g["params"] if id(p) not in muon_ids]
         if mine:  # the hidden matrices keep the role's multiplier; Muon's own shape scaling stands in for muP's
-            muon_groups.append({**g, "params": mine, "lr": g["lr"] / g["width_scale"], "width_scale": 1.0})
+            muon_groups.append(_group(g["role"], mine, cfg))
         if rest:
             adamw_groups.append({**g, "params": rest, "lr": g["lr"] / cfg.lr * adamw_lr})
     muon = torch.optim.Muon(muon_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from olm.data.datamodule import COMPRESSORS
 from olm.errors import ConfigError, OlmError, config_error_cause, first_line
 
 # OS errors that are the environment's (full disk, quota, read-only or forbidden paths), not a bug.
@@ -143,15 +144,12 @@ def _number(value) -> float | None:
     return float(value) if value is not None else None
 
 
-COMPRESSOR_NAMES = {"gzip": "gzip -9", "bz2": "bz2 -9", "xz": "xz -9e"}
-
-
 def final_lines(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     """What the command prints when a run finishes: where it is, its val loss and bits/byte, its speed."""
     val_loss = summary["val_loss"]
     lines = [f"val loss {val_loss:.4f} nats/token" if val_loss is not None else "val loss n/a"]
     if summary["val_bpb"] is not None:
-        shown = [f"{name} {summary[f'{key}_bpb']:.3f}" for key, name in COMPRESSOR_NAMES.items()
+        shown = [f"{label} {summary[f'{key}_bpb']:.3f}" for key, (label, _) in COMPRESSORS.items()
                  if summary.get(f"{key}_bpb") is not None]
         same_text = f" (on the same text: {', '.join(shown)})" if shown else ""
         lines.append(f"val bits/byte {summary['val_bpb']:.3f}{same_text}")
