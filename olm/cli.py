@@ -31,75 +31,6 @@ def cmd_components(args) -> int:
     return 0
 
 
-def _run_tokenizer(run_dir: Path) -> Path:
-    """Where a run keeps its tokenizer: with the exported model, else beside the checkpoints (saved at start)."""
-    exported = run_dir / "model" / "tokenizer"
-    return exported if exported.is_dir() else run_dir / "tokenizer"
-
-
-def _model_from_checkpoint(path: Path):
-    from olm.nn import Block
-    from olm.train.checkpoint import load_checkpoint
-
-    state = load_checkpoint(path)
-    meta = state.get("olm") or {}
-    if "model_config" not in meta:
-        raise ConfigError(f"checkpoint {str(path)!r} has no olm model config; was it written by olm-train?")
-    model = Block.from_config(meta["model_config"])
-    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:  # weights of another shape than the model config the checkpoint names
-        first = str(exc).strip().splitlines()
-        reason = first[1].strip() if len(first) > 1 else first[0] if first else type(exc).__name__
-        raise ConfigError(f"checkpoint {str(path)!r}: its weights do not fit its model config ({reason})") from exc
-    return model
-
-
-def load_model_and_tokenizer(ckpt: str, require_tokenizer: bool = False):
-    """A model and its tokenizer from an exported model dir, a run dir, or a Lightning .ckpt file.
-
-    A run dir gives its exported ``model/``, else its last checkpoint. The tokenizer is the one saved with the
-    model or run, else None; with ``require_tokenizer``, the byte tokenizer for a model whose vocabulary is the
-    256 bytes, and a ConfigError saying where the tokenizer should be for any other.
-    """
-    from olm.nn import Block
-
-    path = Path(ckpt)
-    if not path.exists():
-        raise ConfigError(f"--ckpt {str(path)!r} does not exist; give a .ckpt file, a run dir or a model dir")
-    if path.is_dir() and (path / "model" / "config.json").is_file():
-        model_dir = path / "model"
-        model, tokenizer_dir = Block.load(model_dir), model_dir / "tokenizer"
-    elif path.is_dir() and (path / "config.json").is_file():
-        model, tokenizer_dir = Block.load(path), path / "tokenizer"
-    elif path.is_dir():
-        from olm.train.checkpoint import latest_checkpoint  # no Lightning import: `olm` stays quick to start
-
-        checkpoint = latest_checkpoint(path)
-        if checkpoint is None:
-            raise ConfigError(
-                f"--ckpt {str(path)!r} holds no model: looked for model/config.json, config.json "
-                "and checkpoints/*.ckpt"
-            )
-        model, tokenizer_dir = _model_from_checkpoint(checkpoint), _run_tokenizer(path)
-    else:  # a checkpoint file, normally <run>/checkpoints/<name>.ckpt
-        model, tokenizer_dir = _model_from_checkpoint(path), _run_tokenizer(path.parent.parent)
-
-    from olm.data import ByteTokenizer, load_tokenizer
-
-    if tokenizer_dir.is_dir():
-        return model, load_tokenizer(tokenizer_dir)
-    if not require_tokenizer:
-        return model, None
-    if model.vocab_size == ByteTokenizer.vocab_size:
-        return model, ByteTokenizer()
-    raise ConfigError(
-        f"no tokenizer found for --ckpt {str(path)!r}: expected one in {str(tokenizer_dir)!r} (the model's "
-        f"vocab_size={model.vocab_size} is not the byte tokenizer's {ByteTokenizer.vocab_size})"
-    )
-
-
 def _check_generate_args(args) -> None:
     """One-line errors for sampling flags out of range, before any model is loaded."""
     if not args.prompt:
@@ -118,6 +49,7 @@ def cmd_generate(args) -> int:
     _check_generate_args(args)
     import torch
 
+    from olm.checkpoint import load_model_and_tokenizer
     from olm.generate import generate
 
     model, tokenizer = load_model_and_tokenizer(args.ckpt, require_tokenizer=True)
@@ -192,9 +124,8 @@ def config_presets() -> list[str]:
 def cmd_models(args) -> int:
     """Every model preset: the zoo's (checked against the published parameter counts) and the config tree's own
     (olm's lm_tiny, lm_small, llama_small, ... and a team's), composed as olm-train would with the default data."""
-    import torch
-
     import olm
+    from olm.nn.structure import meta_device
     from olm.train.compose import compose
     from olm.zoo import PRESETS, count_parameters
 
@@ -217,7 +148,7 @@ def cmd_models(args) -> int:
         if name in PRESETS:
             continue
         cfg = compose([f"model={name}"])
-        with torch.device("meta"):
+        with meta_device():
             model = olm.build_model(cfg.model)
         vocab = f"data vocab {cfg.data.vocab_size}"
         print(f"{name:<14} {'config':<8} {_count(model.num_parameters()):>8} {'-':>10} {model.max_seq_len:>8}  "
@@ -261,14 +192,18 @@ def _check_eval_args(args) -> None:
 def cmd_eval(args) -> int:
     _check_eval_args(args)
     from olm.eval import require_lm_eval
-    from olm.eval.run import go_offline
+    from olm.eval.run import SHIPPED_NAMES, go_offline, unknown_task
+    from olm.eval.tasks import unknown_olm_task
 
+    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    typo = None if args.include_path else unknown_olm_task(names)  # a folder of tasks may name its own olm*
+    if typo is not None:
+        raise unknown_task(typo, SHIPPED_NAMES)
     require_lm_eval("olm eval")
     go_offline()  # before lm-eval and datasets are imported
     from olm.eval.harness import OlmLM
     from olm.eval.run import evaluate, flat_metrics, resolve_tasks, summary_lines
 
-    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     tasks = resolve_tasks(names, args.include_path)  # before the model is loaded: a bad name costs nothing
     lm = OlmLM(path=args.path, device=args.device, batch_size=args.batch_size, dtype=args.dtype)
     results = evaluate(lm, tasks, limit=args.limit, bootstrap_iters=args.bootstrap_iters)

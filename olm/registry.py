@@ -55,6 +55,9 @@ class Entry:
 
 _REGISTRY: dict[str, dict[str, Entry]] = {}
 _plugins_loaded = False
+# Loaders of the built-in components, run before the first lookup: olm/__init__ adds olm's own, so this module
+# never imports the blocks it lists.
+_builtin_loaders: list[Callable[[], None]] = []
 # The config path of the component being built, so nested builds and errors name the full path (model.attention).
 _current_path: contextvars.ContextVar[str] = contextvars.ContextVar("olm_config_path", default="")
 
@@ -123,13 +126,19 @@ def register(kind: str, name: str) -> Callable:
     return decorator
 
 
+def add_builtins(loader: Callable[[], None]) -> None:
+    """Run ``loader`` (which imports modules that register components) before the registry's first lookup."""
+    _builtin_loaders.append(loader)
+
+
 def load_plugins() -> None:
-    """Import olm's own components and every module named by the ``olm.components`` entry point group (once)."""
+    """Load the built-in components and every module named by the ``olm.components`` entry point group (once)."""
     global _plugins_loaded
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    importlib.import_module("olm.nn")
+    for loader in _builtin_loaders:
+        loader()
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):

@@ -85,7 +85,7 @@ def test_loglikelihoods_equal_lm_eval_hf_model_on_the_export(exported):
 
 def _score(model_dir, context, choices):
     """The summed log-probabilities of each choice after the context, with a plain forward pass."""
-    from olm.cli import load_model_and_tokenizer
+    from olm.checkpoint import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(str(model_dir), require_tokenizer=True)
     model.eval()

@@ -34,7 +34,7 @@ from olm.train.cli import run_job
 from olm.train.compose import compose as compose_run_config
 from olm.train.outcome import one_line_error
 from olm.train.run import train
-from olm.train.checkpoint import load_checkpoint
+from olm.checkpoint import load_checkpoint
 from post_import import after_import
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +214,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume_auto_equals_an_uninterrup
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "last.ckpt.tmp").is_file()  # the half-written file the kill left behind
     assert load_checkpoint(ckpts / "last.ckpt")["global_step"] == 4  # the previous one survived intact
-    from olm.train.checkpoint import latest_checkpoint
+    from olm.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(run_dir) == ckpts / "last.ckpt"
     assert {0, 1, 2, 3} <= set(losses(run_dir))  # metrics.csv is flushed with every checkpoint file
@@ -357,7 +357,7 @@ def test_corrupted_or_unsafe_checkpoints_are_one_line_errors_never_a_fresh_start
 
 def load_model_dir(run_dir: Path, tmp_path: Path) -> Path:
     """Export the model of a run's last.ckpt as a Block.save directory."""
-    from olm.cli import load_model_and_tokenizer
+    from olm.checkpoint import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(str(run_dir / "checkpoints" / "last.ckpt"))
     return model.save(tmp_path / "exported")

@@ -13,11 +13,8 @@ split contiguously across ranks, in order.
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import hashlib
 import json
-import lzma
 import math
 import os
 from itertools import chain
@@ -27,9 +24,11 @@ from typing import Iterable, Iterator
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from .compressors import COMPRESSORS
 from .corpus import SPLITS, BinCorpus, build_corpus
+from .sampling import INFINITE, WindowBatchSampler
 from .tokenizers import ByteTokenizer, Tokenizer, build_tokenizer, default_cache_dir
 from .tokenizers import split_pieces as _pieces
 
@@ -37,14 +36,6 @@ SEPARATOR = "\n\n"  # joins documents when the tokenizer has no eos token
 CACHE_VERSION = 1  # bump when the token-cache format or the joining rule changes
 PIECE_CHARS = 1 << 20  # long documents are encoded in pieces this size so encode_batch can use every core
 CHUNK_CHARS = 1 << 23  # text handed to the tokenizer per call: bounds memory on large corpora
-INFINITE = 10**12  # "length" of the train sampler when the number of steps is unknown
-# The general-purpose compressors a model's bits/byte is shown against, each at its strongest setting:
-# name -> (how the final line shows it, compress).
-COMPRESSORS = {
-    "gzip": ("gzip -9", lambda text: gzip.compress(text, 9)),
-    "bz2": ("bz2 -9", lambda text: bz2.compress(text, 9)),
-    "xz": ("xz -9e", lambda text: lzma.compress(text, preset=9 | lzma.PRESET_EXTREME)),
-}
 
 
 class TokenWindows(Dataset):
@@ -71,42 +62,6 @@ class TokenWindows(Dataset):
 
     def __getstate__(self):  # no open file in a pickle (DDP spawn, spawned workers)
         return {**self.__dict__, "_tokens": None}
-
-
-class WindowBatchSampler(Sampler[list[int]]):
-    """This rank's micro-batches of train window indices, from micro-batch ``start_batch`` on (see module doc)."""
-
-    def __init__(self, num_windows: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0, num_batches: int = INFINITE):
-        assert num_windows > 0 and batch_size > 0 and 0 <= rank < world_size
-        self.num_windows, self.batch_size, self.seed = num_windows, batch_size, seed
-        self.rank, self.world_size, self.start_batch, self.num_batches = rank, world_size, start_batch, num_batches
-        self._perms: dict[int, np.ndarray] = {}
-
-    def global_indices(self, b: int) -> list[int]:
-        """Global sample indices of this rank's micro-batch b (absolute: counted from the start of training)."""
-        B, W = self.batch_size, self.world_size
-        return [b * B * W + self.rank * B + i for i in range(B)]
-
-    def window(self, g: int) -> int:
-        e, i = divmod(g, self.num_windows)
-        if e not in self._perms:
-            if len(self._perms) > 1:  # a batch spans at most two epochs: keep the latest two permutations
-                self._perms.pop(min(self._perms))
-            self._perms[e] = np.random.default_rng([self.seed, e]).permutation(self.num_windows)
-        return int(self._perms[e][i])
-
-    def windows(self, gs: list[int]) -> list[int]:
-        return [self.window(g) for g in gs]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for b in range(self.start_batch, self.start_batch + self.num_batches):
-            yield self.windows(self.global_indices(b))
-        # exhausted: if Lightning iterates again (next epoch), continue rather than repeat
-        self.start_batch += self.num_batches
-
-    def __len__(self) -> int:
-        return self.num_batches
 
 
 def tokenize_documents(docs: Iterable[str], tok: Tokenizer) -> Iterator[np.ndarray]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .datamodule import INFINITE, WindowBatchSampler
+from .sampling import INFINITE, WindowBatchSampler
 
 BLOCK = 4096  # global indices per block of the source schedule
 ROUNDS = 4  # Feistel rounds: four make a pseudo-random permutation (Luby-Rackoff)

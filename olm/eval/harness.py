@@ -59,7 +59,7 @@ class OlmLM(TemplateLM):
         if model is None:
             if path is None:
                 raise ConfigError("--model_args path=... is required: a run dir, a model dir or a .ckpt file")
-            from olm.cli import load_model_and_tokenizer
+            from olm.checkpoint import load_model_and_tokenizer
 
             model, tokenizer = load_model_and_tokenizer(str(path), require_tokenizer=True)
         if tokenizer is None:

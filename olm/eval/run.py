@@ -76,6 +76,12 @@ def _missing_data(name: str, config: dict, exc: Exception) -> ConfigError:
     return ConfigError(f"task {name!r}: its data could not be loaded: {first_line(exc)}")
 
 
+def unknown_task(name: str, known, where: str = "--tasks") -> ConfigError:
+    close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
+    hint = f"closest: {', '.join(close)}" if close else f"olm's own tasks: {', '.join(SHIPPED_NAMES)}"
+    return ConfigError(f"{where}: task {name!r} is not known to lm-eval or olm; {hint}")
+
+
 def resolve_tasks(names: list[str], include_paths: list[str] | None = None, cache_dir: str | None = None,
                   where: str = "--tasks") -> Tasks:
     """Check the names and load every task's data, before any model is evaluated."""
@@ -91,9 +97,7 @@ def resolve_tasks(names: list[str], include_paths: list[str] | None = None, cach
     known = set(manager.all_tasks)
     for name in names:
         if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
-            hint = f"closest: {', '.join(close)}" if close else f"olm's own tasks: {', '.join(SHIPPED_NAMES)}"
-            raise ConfigError(f"{where}: task {name!r} is not known to lm-eval or olm; {hint}")
+            raise unknown_task(name, known, where)
     task_dict: dict[str, dict] = {"tasks": {}, "groups": {}, "group_map": {}}
     for name in names:  # one at a time, so that a task whose data is missing is named
         try:

@@ -34,6 +34,12 @@ VAL_FRACTION = 0.05
 ITEMS = 1000  # per task; --limit picks the first N, which are spread over all held-out files
 SHIPPED = ("olm_next_line", "olm_identifier")
 GROUP = "olm"  # the two tasks together: --tasks olm (no averaged metric: their metrics measure different things)
+
+
+def unknown_olm_task(names: list[str]) -> str | None:
+    """The first name in olm's namespace (``olm*``) that is not one of olm's tasks, else None: such a typo is
+    answered before lm-eval (and its index of thousands of tasks) is loaded. Other names are lm-eval's to resolve."""
+    return next((name for name in names if name.startswith("olm") and name not in (*SHIPPED, GROUP)), None)
 IDENTIFIER = re.compile(r"(?<![A-Za-z0-9_.])[A-Za-z_][A-Za-z0-9_]{5,}")
 KEYWORDS = {"return", "import", "lambda", "except", "assert", "global", "finally", "continue", "nonlocal", "raise"}
 

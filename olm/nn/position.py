@@ -131,7 +131,8 @@ class RotaryEmbedding(Block):
         self.rotary_dim = rotary_dim or head_dim
         if self.rotary_dim % 2 or self.rotary_dim > head_dim:
             raise ConfigError(f"{where('rotary_dim')}={self.rotary_dim} must be even and at most head_dim={head_dim}")
-        _rope_inverse_frequencies(self.rotary_dim, base, scaling)  # checks the scaling settings
+        with torch.device("cpu"):  # checks the scaling settings; arange on the meta device would load torch._dynamo
+            _rope_inverse_frequencies(self.rotary_dim, base, scaling)
         # The cos/sin tables depend only on these values: the layers of one model (built inside shared_rope_tables(),
         # as LM does) with the same ones share one pair of tensors, moved once per `.to()`. Per-layer copies would
         # cost, e.g., 128 MB per layer at 131k positions. Not persistent: derived from the config, so checkpoints

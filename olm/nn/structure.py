@@ -3,6 +3,7 @@ as (JSON config + safetensors weights) and rebuilt anywhere without the config t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -28,6 +29,33 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     raise TypeError(f"block argument {value!r} of type {type(value).__name__} cannot be saved as JSON")
+
+
+# torch.nn.init's functions and the in-place random fills they use: no-ops on meta tensors (there are no values).
+_INIT_FUNCTIONS = {"uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_", "fill_", "zero_"}
+
+
+class _SkipInitOnMeta(torch.overrides.TorchFunctionMode):
+    """Random initialisation of a meta tensor returns it as it is: torch's meta kernels for the random fills import
+    torch._dynamo on first use, which costs seconds, for values that do not exist."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in _INIT_FUNCTIONS:
+            tensor = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by keyword
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device():
+    """Build modules on the meta device: shapes only, no memory and no initialisation. Every constructor's checks
+    still run, so a config is validated in milliseconds, also for the largest presets."""
+    with torch.device("meta"), _SkipInitOnMeta():
+        yield
 
 
 def check_dropout(dropout: float) -> None:

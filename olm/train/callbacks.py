@@ -311,3 +311,10 @@ class DownstreamEval(L.Callback):
             logging.getLogger("olm.train").info("step %d: %s (evaluated in %.1f s)", trainer.global_step, summary,
                                                 time.perf_counter() - started)
         self.last = trainer.strategy.broadcast(metrics, src=0)
+
+
+def pruning_callback(cfg):
+    """The Lightning callback that reports val loss to this job's Optuna trial, or None outside an Optuna sweep."""
+    if cfg.sweep.trial is None:
+        return None
+    return OptunaPruning(cfg.sweep.storage, cfg.sweep.study, int(cfg.sweep.trial))

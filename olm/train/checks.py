@@ -184,15 +184,13 @@ def _check_eval(cfg: DictConfig) -> None:
     if not tasks:
         return
     from olm.eval import require_lm_eval
-    from olm.eval.tasks import GROUP, SHIPPED
+    from olm.eval.tasks import GROUP, SHIPPED, unknown_olm_task
 
     require_lm_eval(f"callbacks.eval.tasks={tasks}", " (or callbacks.eval.tasks=[] for no downstream evaluation)")
-
-    shipped = (*SHIPPED, GROUP)
-    for name in tasks:
-        if name.startswith("olm") and name not in shipped:
-            raise ConfigError(f"callbacks.eval.tasks: {name!r} is not one of olm's tasks"
-                              + did_you_mean(name, list(shipped), "olm's tasks"))
+    name = unknown_olm_task(tasks)
+    if name is not None:
+        raise ConfigError(f"callbacks.eval.tasks: {name!r} is not one of olm's tasks"
+                          + did_you_mean(name, [*SHIPPED, GROUP], "olm's tasks"))
     strategy = cfg.trainer.strategy
     name = strategy.get("name") if isinstance(strategy, DictConfig) else strategy
     if name == "fsdp":
@@ -226,7 +224,9 @@ def build_on_meta(cfg: DictConfig) -> torch.nn.Module:
     if not isinstance(cfg.model.get("vocab_size"), int):
         raise ConfigError(f"model.vocab_size={cfg.model.get('vocab_size')!r} must be an integer "
                           "(model.vocab_size=${data.vocab_size} takes the tokenizer's)")
-    with torch.device("meta"):
+    from olm.nn.structure import meta_device
+
+    with meta_device():
         return olm.build_model(cfg.model)
 
 

@@ -13,13 +13,14 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from olm.data.datamodule import COMPRESSORS
+from olm.data.compressors import COMPRESSORS
 from olm.errors import ConfigError, OlmError, config_error_cause, first_line
 
 # OS errors that are the environment's (full disk, quota, read-only or forbidden paths), not a bug.
@@ -44,7 +45,7 @@ def read_summary(run_dir: Path) -> dict:
 
 def sigterm_message(run_dir: Path | None) -> str:
     """What a SIGTERM leaves behind: a checkpoint to resume from, or nothing yet."""
-    from olm.train.checkpoint import latest_checkpoint
+    from olm.checkpoint import latest_checkpoint
 
     latest = latest_checkpoint(run_dir) if run_dir is not None else None
     if latest is None:
@@ -53,12 +54,18 @@ def sigterm_message(run_dir: Path | None) -> str:
     return f"stopped by SIGTERM; continue from {latest.name} with: olm-train resume=auto hydra.run.dir={run_dir}"
 
 
+def is_sigterm(exc: BaseException) -> bool:
+    """Whether ``exc`` is Lightning's SIGTERMException; only an imported Lightning can have raised one, so a
+    mistake caught before training is answered without importing it."""
+    module = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    return module is not None and isinstance(exc, module.SIGTERMException)
+
+
 def one_line_error(exc: BaseException, run_dir: Path | None = None) -> tuple[int, str] | None:
     """(exit code, message) for failures olm reports as ``error: <one line>``, None for bugs (module docstring)."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
     from omegaconf.errors import OmegaConfBaseException
 
-    if isinstance(exc, SIGTERMException):  # a SystemExit: without this the run would end with status 0
+    if is_sigterm(exc):  # a SystemExit: without this the run would end with status 0
         return SIGTERM_EXIT, sigterm_message(run_dir)
     if os.environ.get("OLM_FULL_ERROR") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
         return None
@@ -83,7 +90,6 @@ def report_error(message: str) -> None:
     """``error: <message>`` once on stderr, and the message in the job's log file (Hydra's file handler) only: a
     console handler would print it a second time."""
     import logging
-    import sys
 
     logger = logging.getLogger("olm")
     record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (message,), None)
@@ -96,13 +102,11 @@ def report_error(message: str) -> None:
 def write_failed_summary(run_dir: Path, exc: BaseException) -> None:
     """``summary.json`` saying ``failed`` or ``interrupted``, unless the run dir already holds a summary (a failed
     resume never overwrites the record of the run it continued)."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     try:
         if not run_dir.is_dir() or (run_dir / "summary.json").exists():
             return
-        status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SIGTERMException)) else "failed"
-        error = "stopped by SIGTERM" if isinstance(exc, SIGTERMException) else first_line(exc)
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) or is_sigterm(exc) else "failed"
+        error = "stopped by SIGTERM" if is_sigterm(exc) else first_line(exc)
         write_json(run_dir / "summary.json", {"status": status, "error": error})
     except Exception:  # e.g. the disk is full: the error itself still reaches stderr
         return

@@ -110,8 +110,8 @@ def plan(overrides: list[str], compose) -> ResumePlan | None:
 def checkpoint_step(run_dir: Path) -> int | None:
     """The step of the checkpoint a resume of ``run_dir`` continues from (None without one). It names the resume's
     record, the same on every rank of a job that torchrun or SLURM starts."""
-    from olm.train.checkpoint import latest_checkpoint
-    from olm.train.checkpoint import load_checkpoint
+    from olm.checkpoint import latest_checkpoint
+    from olm.checkpoint import load_checkpoint
 
     latest = latest_checkpoint(run_dir)
     return int(load_checkpoint(latest, mmap=True).get("global_step") or 0) if latest else None

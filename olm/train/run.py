@@ -32,7 +32,6 @@ from olm.errors import ConfigError, first_line
 from olm.train.checks import check_run
 from olm.train.config import (CallbacksConfig, DataConfig, LoggerConfig, SampleConfig, SchedulerConfig,
                               TrainerConfig, optimizer_schema, speed_config, typed)
-from olm.train.sweeps import pruning_callback
 from olm.train.outcome import final_lines, read_summary, summarize, write_failed_summary, write_json
 
 log = logging.getLogger("olm")
@@ -125,7 +124,7 @@ def has_record(run_dir: Path) -> bool:
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     """The checkpoint this run continues from, or None for a fresh start."""
-    from olm.train.checkpoint import latest_checkpoint
+    from olm.checkpoint import latest_checkpoint
 
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path)
@@ -152,7 +151,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 def refuse_fresh_start(run_dir: Path) -> None:
     """A fresh run never starts over a run dir holding a run a fresh start would destroy: a checkpoint, or a
     finished run's summary."""
-    from olm.train.checkpoint import latest_checkpoint
+    from olm.checkpoint import latest_checkpoint
 
     if latest_checkpoint(run_dir) is not None or read_summary(run_dir).get("status") == "finished":
         raise ConfigError(f"{run_dir} already holds a run (checkpoints, summary.json); continue it with "
@@ -168,7 +167,7 @@ def read_checkpoint_meta(path: str | None) -> dict:
     """The olm entries of a checkpoint (model config, W&B run id, ...) plus its global step; validates the file."""
     if not path:
         return {}
-    from olm.train.checkpoint import load_checkpoint
+    from olm.checkpoint import load_checkpoint
 
     state = load_checkpoint(path, mmap=True)
     tokenizer = (state.get("olm_tokenizer") or {}).get("identity")  # olm.train.callbacks.TokenizerRecord
@@ -260,7 +259,7 @@ def train(cfg: DictConfig) -> float | None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from olm.train.callbacks import (AtomicModelCheckpoint, QuietModelSummary, ThroughputMonitor, TokenizerRecord,
-                                     progress_bars)
+                                     progress_bars, pruning_callback)
     from olm.train.module import LMModule
     from olm.train.speed import cpu_threads, processes_on_this_machine
     from olm.train.strategies import HydraJobLauncher, RankFailure, cleanup_after_job, rank_failure

@@ -70,7 +70,7 @@ def _what(overrides: list[str]) -> list[str]:
 
 def plan_job(index: int, overrides: list[str], job_dir: Path) -> JobPlan:
     """What re-running job ``index`` of a sweep means, from what its dir holds."""
-    from olm.train.checkpoint import latest_checkpoint
+    from olm.checkpoint import latest_checkpoint
     from olm.train.outcome import read_summary
     from olm.train.resume import checkpoint_step
 
@@ -252,15 +252,6 @@ def load_trial(storage: str, study_name: str, number: int):
                               pruner=make_pruner(pruner["name"], pruner["options"]))
     trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == number)
     return optuna.trial.Trial(study, trial_id)
-
-
-def pruning_callback(cfg):
-    """The Lightning callback that reports val loss to this job's Optuna trial, or None outside an Optuna sweep."""
-    if cfg.sweep.trial is None:
-        return None
-    from olm.train.callbacks import OptunaPruning
-
-    return OptunaPruning(cfg.sweep.storage, cfg.sweep.study, int(cfg.sweep.trial))
 
 
 # -- jobs side by side ------------------------------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def preset_config(name: str) -> dict:
 def count_parameters(config: dict) -> int:
     """Parameter count of a config, built on the meta device (no memory, no init), tied weights counted once."""
     import olm
+    from olm.nn.structure import meta_device
 
-    with torch.device("meta"):
+    with meta_device():
         return olm.build_model(config).num_parameters()
