@@ -141,8 +141,9 @@ def time_model(model, loss_of, optimizer, model_cfg: dict, batch_size: int, args
 def meta_model(model_cfg: dict):
     """The preset's olm model on the meta device: shapes and parameter counts, no memory."""
     import olm
+    from olm.nn.structure import meta_device
 
-    with torch.device("meta"):
+    with meta_device():
         return olm.build_model(model_cfg)
 
 

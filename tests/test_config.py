@@ -3,6 +3,8 @@
 
 import pytest
 import torch
+
+from olm.nn.structure import meta_device
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
@@ -29,7 +31,7 @@ def test_presets_exist():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_model_preset_composes_and_builds(preset):
     cfg = compose_train([f"model={preset}", "model.num_layers=1"])
-    with torch.device("meta"):  # shapes only: the 27B presets build in milliseconds
+    with meta_device():  # shapes only: the 27B presets build in milliseconds
         model = olm.build_model(cfg.model)
     assert model.vocab_size == 4096 and len(model.blocks) == 1  # the default BPE's size, known before training it
 

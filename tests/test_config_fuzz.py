@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from olm.nn.structure import meta_device
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf, open_dict
@@ -71,7 +73,7 @@ def outcome(overrides: list[str]) -> str:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary")
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         if isinstance(model_cfg.get("embed_dim"), int) and model_cfg["embed_dim"] > 256:  # a large preset: shapes only
-            with torch.device("meta"):
+            with meta_device():
                 olm.build_model(model_cfg)
             return "model"
         model = olm.build_model(model_cfg)

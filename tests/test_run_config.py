@@ -21,6 +21,7 @@ from omegaconf import OmegaConf, open_dict
 
 import olm
 from olm.errors import ConfigError
+from olm.nn.structure import meta_device
 from olm.train import cli
 from olm.train.checks import check_run
 from olm.train.compose import compose
@@ -169,7 +170,7 @@ def test_memory_estimate_is_a_lower_bound_of_a_measured_step():
     """)
     measured = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                   env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
-    with torch.device("meta"):
+    with meta_device():
         model = olm.build_model(dict(vocab_size=4096, embed_dim=32, num_heads=2, num_layers=2, max_seq_len=2048))
     estimate = activation_bytes(model, 4, 2048, fused_loss=False)
     assert 0.3 * measured < estimate < measured, (estimate, measured)
@@ -190,7 +191,7 @@ def test_hydra_plain_api_composes_and_builds_presets_with_no_olm_call(tmp_path):
         with initialize_config_dir(str(conf), version_base="1.3"):
             for name in presets:
                 cfg = compose("train", overrides=[f"model={name}"])
-                with torch.device("meta"):
+                with meta_device():
                     model = olm.build_model(cfg.model)
                 print(name, model.vocab_size, sum(p.numel() for p in model.parameters()))
         assert "olm.train.cli" not in sys.modules
@@ -416,14 +417,37 @@ def test_an_error_is_printed_once_and_kept_in_the_log_file(tmp_path, capsys):
 
 
 def test_cpu_threads_never_oversubscribe_the_cores(monkeypatch):
+    from olm.train import speed
     from olm.train.speed import cpu_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(speed, "busy_cores", lambda: 0.1)  # an idle machine
     assert cpu_threads(None, 1) == 2 and cpu_threads(None, 2) == 1 and cpu_threads(None, 4) == 1
     assert cpu_threads(3, 2) == 3  # cpu_threads=3 wins
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(speed, "busy_cores", lambda: 0.9)  # one core busy with other work: one thread
     assert cpu_threads(None, 1) == 1
+    monkeypatch.setattr(speed, "busy_cores", lambda: 2.0)  # both busy: still one
+    assert cpu_threads(None, 1) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads(None, 1) == 2  # the environment wins over the load
+
+
+def test_busy_cores_sees_a_process_burning_a_core():
+    import signal
+
+    from olm.train.speed import busy_cores
+
+    burner = subprocess.Popen([sys.executable, "-c", "print('burning', flush=True)\nwhile True: pass"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert burner.stdout.readline() == "burning\n"  # it runs: sample from now on
+        # A burner keeps about one core busy (less when it shares the machine, but then others are busy too).
+        assert busy_cores(0.5) >= 0.5
+    finally:
+        burner.send_signal(signal.SIGKILL)
+        burner.wait()
 
 
 # ---- debug configs ---------------------------------------------------------------------------------------------------

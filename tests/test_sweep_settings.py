@@ -6,6 +6,7 @@ import torch
 
 import olm
 from olm.errors import ConfigError
+from olm.nn.structure import meta_device
 from olm.train.cli import prepare
 from olm.train.compose import compose, seed_sweep, sweep_jobs
 from olm.train.flops import active_parameters, flops_per_token
@@ -47,7 +48,7 @@ def test_an_experiment_declares_its_seeds_and_a_single_run_can_opt_out():
 
 
 def test_flops_count_what_a_token_really_uses():
-    with torch.device("meta"):
+    with meta_device():
         dense = olm.build_model({"vocab_size": 256, "embed_dim": 64, "num_heads": 4, "num_layers": 2,
                                  "max_seq_len": 128, "ffn": "swiglu"})
         moe = olm.build_model({"vocab_size": 256, "embed_dim": 64, "num_heads": 4, "num_layers": 2,

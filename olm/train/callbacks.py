@@ -40,8 +40,9 @@ class ThroughputMonitor(L.Callback):
     def on_train_start(self, trainer, pl_module):
         self.tokens_per_step = self.batch_size * self.seq_len * trainer.accumulate_grad_batches * trainer.world_size
         import olm
+        from olm.nn.structure import meta_device
 
-        with torch.device("meta"):  # the unsharded model's shapes (under FSDP pl_module.model holds one shard)
+        with meta_device():  # the unsharded model's shapes (under FSDP pl_module.model holds one shard)
             self.flops_per_token = flops_per_token(olm.build_model(pl_module.model_cfg), self.seq_len)
         if pl_module.device.type == "cuda":
             per_device = peak_flops(torch.cuda.get_device_name(pl_module.device))

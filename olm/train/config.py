@@ -534,12 +534,11 @@ _PARAMETERS: dict[str, int] = {}
 
 def _parameters(key: str, model: dict) -> int:
     if key not in _PARAMETERS:
-        import torch
-
         import olm
+        from olm.nn.structure import meta_device
         from olm.train.flops import active_parameters
 
-        with torch.device("meta"):
+        with meta_device():
             _PARAMETERS[key] = active_parameters(olm.build_model(model))
     return _PARAMETERS[key]
 

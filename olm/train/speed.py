@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -177,11 +178,33 @@ def processes_on_this_machine(devices: Any) -> int:
     return 1
 
 
+def busy_cores(seconds: float = 0.25) -> float:
+    """Cores kept busy by other work, from two reads of /proc/stat ``seconds`` apart while this process sleeps (0
+    where /proc/stat cannot be read). The load average would count this process's own previous job of a sweep."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    elapsed = total1 - total0
+    cores = os.cpu_count() or 1
+    return cores * (elapsed - (idle1 - idle0)) / elapsed if elapsed > 0 else 0.0
+
+
 def cpu_threads(requested: int | None, processes_on_this_machine: int) -> int:
     """Threads per training process on the CPU: ``requested`` (``cpu_threads``), else ``OMP_NUM_THREADS`` when
-    set, else SLURM's cores per task in a SLURM job, else the cores this process may use divided among the job's
-    processes on this machine and the jobs that olm's parallel launcher runs beside it (at least 1), so that no job
-    oversubscribes the cores."""
+    set, else SLURM's cores per task in a SLURM job, else the idle cores this process may use divided among the
+    job's processes on this machine and the jobs that olm's parallel launcher runs beside it (at least 1), so that
+    no job oversubscribes the cores. Idle: cores that other work keeps busy are left out, since an intra-op thread
+    that shares a core with another process stalls every other thread of its operation."""
     if requested is not None:
         return requested
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
@@ -190,4 +213,12 @@ def cpu_threads(requested: int | None, processes_on_this_machine: int) -> int:
         return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     concurrent = int(os.environ.get("OLM_CONCURRENT_JOBS", "1") or 1)
-    return max(1, cores // max(1, processes_on_this_machine * concurrent))
+    processes = max(1, processes_on_this_machine * concurrent)
+    if processes > 1:  # ranks or jobs side by side: each takes its share (they would count each other as busy)
+        return max(1, cores // processes)
+    busy = busy_cores()
+    threads = max(1, min(cores, (os.cpu_count() or cores) - round(busy)))
+    if threads < cores:
+        log.info("CPU threads: %d of %d cores (%.1f busy with other work; cpu_threads=N "
+                 "sets it)", threads, cores, busy)
+    return threads

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import olm
-from olm.nn.structure import Block
+from olm.nn.structure import Block, meta_device
 from olm.registry import ConfigError
 from olm.zoo.families import FAMILIES, Family, TensorMap, family_of_architecture, infer_family
 
@@ -74,7 +74,7 @@ def _materialize_buffers(model: torch.nn.Module) -> None:
 
 
 def _build_empty(config: dict) -> torch.nn.Module:
-    with torch.device("meta"):  # no memory and no random init for weights about to be overwritten
+    with meta_device():  # no memory and no random init for weights about to be overwritten
         return olm.build_model(config)
 
 
