@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 # Two test workers (pytest-xdist): the suite spends much of its time in subprocess start-up, which overlaps well;
 # work stealing keeps both busy to the end (the long multi-process tests would otherwise finish on one).
-PYTEST_ARGS ?= -n 2 --dist worksteal
+PYTEST_ARGS ?= -n 2 --dist worksteal --durations=15
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.olm-installed
 

@@ -6,7 +6,7 @@
 - ``cli``: the ``olm-train`` entry point; ``resume``: resuming a run dir from the command line;
 - ``run``: ``train(cfg)``, one job; ``outcome``: summary.json, exit codes, the final lines;
 - ``module``: the LightningModule; ``optim``: optimizer and schedule; ``speed``: compile, FP8, SDPA, fused loss;
-- ``callbacks``, ``strategies``, ``checkpoint``, ``csv_logging``, ``wandb_logging``, ``flops``.
+- ``callbacks``, ``strategies``, ``csv_logging``, ``wandb_logging``, ``flops``; checkpoints are read by ``olm.checkpoint``.
 
 From Python (a notebook, a test)::
 
