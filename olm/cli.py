@@ -59,18 +59,19 @@ def _model_from_checkpoint(path: Path):
     return model
 
 
-def load_model_and_tokenizer(ckpt: str, require_tokenizer: bool = False):
+def load_model_and_tokenizer(ckpt: str, require_tokenizer: bool = False, flag: str = "--ckpt"):
     """A model and its tokenizer from an exported model dir, a run dir, or a Lightning .ckpt file.
 
     A run dir gives its exported ``model/``, else its last checkpoint. The tokenizer is the one saved with the
     model or run, else None; with ``require_tokenizer``, the byte tokenizer for a model whose vocabulary is the
-    256 bytes, and a ConfigError saying where the tokenizer should be for any other.
+    256 bytes, and a ConfigError saying where the tokenizer should be for any other. ``flag`` is the argument
+    that named ``ckpt``, for the error lines.
     """
     from olm.nn import Block
 
     path = Path(ckpt)
     if not path.exists():
-        raise ConfigError(f"--ckpt {str(path)!r} does not exist; give a .ckpt file, a run dir or a model dir")
+        raise ConfigError(f"{flag} {str(path)!r} does not exist; give a .ckpt file, a run dir or a model dir")
     if path.is_dir() and (path / "model" / "config.json").is_file():
         model_dir = path / "model"
         model, tokenizer_dir = Block.load(model_dir), model_dir / "tokenizer"
@@ -82,7 +83,7 @@ def load_model_and_tokenizer(ckpt: str, require_tokenizer: bool = False):
         checkpoint = latest_checkpoint(path)
         if checkpoint is None:
             raise ConfigError(
-                f"--ckpt {str(path)!r} holds no model: looked for model/config.json, config.json "
+                f"{flag} {str(path)!r} holds no model: looked for model/config.json, config.json "
                 "and checkpoints/*.ckpt"
             )
         model, tokenizer_dir = _model_from_checkpoint(checkpoint), _run_tokenizer(path)
@@ -98,8 +99,9 @@ def load_model_and_tokenizer(ckpt: str, require_tokenizer: bool = False):
     if model.vocab_size == ByteTokenizer.vocab_size:
         return model, ByteTokenizer()
     raise ConfigError(
-        f"no tokenizer found for --ckpt {str(path)!r}: expected one in {str(tokenizer_dir)!r} (the model's "
-        f"vocab_size={model.vocab_size} is not the byte tokenizer's {ByteTokenizer.vocab_size})"
+        f"no tokenizer found for {flag} {str(path)!r}: expected one in {str(tokenizer_dir)!r} (the model's "
+        f"vocab_size={model.vocab_size} is not the byte tokenizer's {ByteTokenizer.vocab_size}; or give "
+        "--tokenizer)"
     )
 
 
@@ -123,7 +125,14 @@ def cmd_generate(args) -> int:
 
     from olm.generate import generate
 
-    model, tokenizer = load_model_and_tokenizer(args.ckpt, require_tokenizer=True)
+    if args.tokenizer:
+        tokenizer = _tokenizer_arg(args.tokenizer)
+        model, _ = load_model_and_tokenizer(args.ckpt)
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.ckpt, require_tokenizer=True)
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids and the model's vocab_size is "
+                          f"{model.vocab_size}: they were not trained together")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     prompt = torch.tensor(tokenizer.encode(args.prompt), device=device)
@@ -141,6 +150,19 @@ def cmd_generate(args) -> int:
                    top_p=args.top_p, seed=args.seed, slide_context=True)
     print(tokenizer.decode(out[0].tolist()))
     return 0
+
+
+def _tokenizer_arg(path: str):
+    """``--tokenizer``: an olm tokenizer dir (a run's tokenizer/), a tokenizer.json or a folder holding one."""
+    from olm.data.tokenizers import load_hf, load_tokenizer
+
+    where = Path(path)
+    if not where.exists():
+        raise ConfigError(f"--tokenizer {path!r} does not exist; give a tokenizer dir or a tokenizer.json")
+    try:
+        return load_tokenizer(where) if (where / "tokenizer_meta.json").is_file() else load_hf(where)
+    except ValueError as exc:
+        raise ConfigError(f"--tokenizer {path!r}: {str(exc).splitlines()[0]}") from None
 
 
 def cmd_compare(args) -> int:
@@ -237,19 +259,20 @@ def cmd_models(args) -> int:
 def cmd_convert(args) -> int:
     import torch
 
-    from olm.nn import Block
     from olm.zoo import from_hf, to_hf
 
     if args.from_hf:
         dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
         from_hf(args.from_hf, dtype=dtype).save(args.out)
-    else:
-        to_hf(Block.load(args.to_hf), args.out, family=args.family)
-        tokenizer_dir = Path(args.to_hf) / "tokenizer"
-        if tokenizer_dir.is_dir():  # the model's own tokenizer, for AutoTokenizer (and lm-eval's hf model)
-            from olm.data import load_tokenizer
+        if (Path(args.from_hf) / "tokenizer.json").is_file():  # kept as the model's own: olm generate, olm eval
+            from olm.data.tokenizers import load_hf
 
-            load_tokenizer(tokenizer_dir).save_for_transformers(args.out)
+            load_hf(args.from_hf).save(Path(args.out) / "tokenizer")
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.to_hf, flag="--to-hf")
+        to_hf(model, args.out, family=args.family)
+        if tokenizer is not None:  # the model's own tokenizer, for AutoTokenizer (and lm-eval's hf model)
+            tokenizer.save_for_transformers(args.out)
     print(f"wrote {args.out}")
     return 0
 
@@ -360,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample among the most likely tokens holding this much probability; in (0, 1], "
                    "1 keeps all")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="a tokenizer dir (a run's tokenizer/) or a tokenizer.json or folder holding one "
+                   "(default: the one saved with the model)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compare", help="compare run dirs by variant (runs that differ only in seed): statistics, "
@@ -410,8 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert between Hugging Face checkpoint dirs and olm model dirs (safetensors)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-hf", metavar="DIR", help="a local HF dir (config.json + *.safetensors) -> olm model dir")
-    source.add_argument("--to-hf", metavar="DIR", help="an olm model dir (written by Block.save) -> HF dir")
+    source.add_argument("--from-hf", metavar="DIR", help="a local HF dir (config.json + *.safetensors, and its "
+                        "tokenizer.json if any) -> olm model dir with its tokenizer/")
+    source.add_argument("--to-hf", metavar="PATH", help="an olm run dir (its model/, else its last checkpoint), "
+                        "model dir (written by Block.save) or .ckpt -> HF dir, with the model's tokenizer")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--family", help="HF family to export to (default: inferred from the model's components)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "keep"],
