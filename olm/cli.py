@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the model zoo presets: family, parameter count, context length")
     p.add_argument("--family", help="only this family (gpt2, llama, mistral, qwen2, gemma2, phi3, olmo, opt, "
-                                    "mixtral; config: the config tree's own presets)")
+                                    "mixtral, stablelm; config: the config tree's own presets)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("convert", help="convert between Hugging Face checkpoint dirs and olm model dirs (safetensors)")
