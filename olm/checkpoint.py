@@ -64,18 +64,19 @@ def model_from_checkpoint(path: Path):
     return model
 
 
-def load_model_and_tokenizer(ckpt: str, require_tokenizer: bool = False):
+def load_model_and_tokenizer(ckpt: str, require_tokenizer: bool = False, flag: str = "--ckpt"):
     """A model and its tokenizer from an exported model dir, a run dir, or a Lightning .ckpt file.
 
     A run dir gives its exported ``model/``, else its last checkpoint. The tokenizer is the one saved with the
     model or run, else None; with ``require_tokenizer``, the byte tokenizer for a model whose vocabulary is the
-    256 bytes, and a ConfigError saying where the tokenizer should be for any other.
+    256 bytes, and a ConfigError saying where the tokenizer should be for any other. ``flag`` is the argument
+    that named ``ckpt``, for the error lines.
     """
     from olm.nn import Block
 
     path = Path(ckpt)
     if not path.exists():
-        raise ConfigError(f"--ckpt {str(path)!r} does not exist; give a .ckpt file, a run dir or a model dir")
+        raise ConfigError(f"{flag} {str(path)!r} does not exist; give a .ckpt file, a run dir or a model dir")
     if path.is_dir() and (path / "model" / "config.json").is_file():
         model_dir = path / "model"
         model, tokenizer_dir = Block.load(model_dir), model_dir / "tokenizer"
@@ -85,7 +86,7 @@ def load_model_and_tokenizer(ckpt: str, require_tokenizer: bool = False):
         checkpoint = latest_checkpoint(path)
         if checkpoint is None:
             raise ConfigError(
-                f"--ckpt {str(path)!r} holds no model: looked for model/config.json, config.json "
+                f"{flag} {str(path)!r} holds no model: looked for model/config.json, config.json "
                 "and checkpoints/*.ckpt"
             )
         model, tokenizer_dir = model_from_checkpoint(checkpoint), run_tokenizer_dir(path)
@@ -101,6 +102,7 @@ def load_model_and_tokenizer(ckpt: str, require_tokenizer: bool = False):
     if model.vocab_size == ByteTokenizer.vocab_size:
         return model, ByteTokenizer()
     raise ConfigError(
-        f"no tokenizer found for --ckpt {str(path)!r}: expected one in {str(tokenizer_dir)!r} (the model's "
-        f"vocab_size={model.vocab_size} is not the byte tokenizer's {ByteTokenizer.vocab_size})"
+        f"no tokenizer found for {flag} {str(path)!r}: expected one in {str(tokenizer_dir)!r} (the model's "
+        f"vocab_size={model.vocab_size} is not the byte tokenizer's {ByteTokenizer.vocab_size}; or give "
+        "--tokenizer)"
     )

@@ -13,10 +13,12 @@ def cmd_components(args) -> int:
     import shutil
     import textwrap
 
-    import olm.train.config  # noqa: F401  (registers the optimizers)
     from olm import registry
+    from olm.train.compose import hydra_app
     from olm.train.schema import PROVIDED_BY_KIND  # imports only the registry: `olm` stays quick to start
 
+    with hydra_app():  # olm's search path imports the team tree's modules (its presets' `imports`)
+        pass
     columns = shutil.get_terminal_size().columns
     for kind in [args.kind] if args.kind else registry.kinds():
         # A parent block fills these in, so a config may not set them: listing them would invite an error.
@@ -52,7 +54,14 @@ def cmd_generate(args) -> int:
     from olm.checkpoint import load_model_and_tokenizer
     from olm.generate import generate
 
-    model, tokenizer = load_model_and_tokenizer(args.ckpt, require_tokenizer=True)
+    if args.tokenizer:
+        tokenizer = _tokenizer_arg(args.tokenizer)
+        model, _ = load_model_and_tokenizer(args.ckpt)
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.ckpt, require_tokenizer=True)
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids and the model's vocab_size is "
+                          f"{model.vocab_size}: they were not trained together")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     prompt = torch.tensor(tokenizer.encode(args.prompt), device=device)
@@ -70,6 +79,19 @@ def cmd_generate(args) -> int:
                    top_p=args.top_p, seed=args.seed, slide_context=True)
     print(tokenizer.decode(out[0].tolist()))
     return 0
+
+
+def _tokenizer_arg(path: str):
+    """``--tokenizer``: an olm tokenizer dir (a run's tokenizer/), a tokenizer.json or a folder holding one."""
+    from olm.data.tokenizers import load_hf, load_tokenizer
+
+    where = Path(path)
+    if not where.exists():
+        raise ConfigError(f"--tokenizer {path!r} does not exist; give a tokenizer dir or a tokenizer.json")
+    try:
+        return load_tokenizer(where) if (where / "tokenizer_meta.json").is_file() else load_hf(where)
+    except ValueError as exc:
+        raise ConfigError(f"--tokenizer {path!r}: {str(exc).splitlines()[0]}") from None
 
 
 def cmd_compare(args) -> int:
@@ -144,34 +166,42 @@ def cmd_models(args) -> int:
               f"{config['max_seq_len']:>8}  {preset.source or 'toy size for tests'}")
     if args.family and args.family != "config":
         return 0
+    broken = 0
     for name in config_presets():
         if name in PRESETS:
             continue
-        cfg = compose([f"model={name}"])
-        with meta_device():
-            model = olm.build_model(cfg.model)
+        try:  # one broken preset (a team's) is one line; the others are still listed
+            cfg = compose([f"model={name}"])
+            with meta_device():
+                model = olm.build_model(cfg.model)
+        except ConfigError as exc:
+            print(f"error: model={name}: {exc}", file=sys.stderr)
+            broken += 1
+            continue
         vocab = f"data vocab {cfg.data.vocab_size}"
         print(f"{name:<14} {'config':<8} {_count(model.num_parameters()):>8} {'-':>10} {model.max_seq_len:>8}  "
               f"conf/model/{name}.yaml ({vocab})")
-    return 0
+    return 2 if broken else 0
 
 
 def cmd_convert(args) -> int:
     import torch
 
-    from olm.nn import Block
+    from olm.checkpoint import load_model_and_tokenizer
     from olm.zoo import from_hf, to_hf
 
     if args.from_hf:
         dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
         from_hf(args.from_hf, dtype=dtype).save(args.out)
-    else:
-        to_hf(Block.load(args.to_hf), args.out, family=args.family)
-        tokenizer_dir = Path(args.to_hf) / "tokenizer"
-        if tokenizer_dir.is_dir():  # the model's own tokenizer, for AutoTokenizer (and lm-eval's hf model)
-            from olm.data import load_tokenizer
+        if (Path(args.from_hf) / "tokenizer.json").is_file():  # kept as the model's own: olm generate, olm eval
+            from olm.data.tokenizers import load_hf
 
-            load_tokenizer(tokenizer_dir).save_for_transformers(args.out)
+            load_hf(args.from_hf).save(Path(args.out) / "tokenizer")
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.to_hf, flag="--to-hf")
+        to_hf(model, args.out, family=args.family)
+        if tokenizer is not None:  # the model's own tokenizer, for AutoTokenizer (and lm-eval's hf model)
+            tokenizer.save_for_transformers(args.out)
     print(f"wrote {args.out}")
     return 0
 
@@ -286,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample among the most likely tokens holding this much probability; in (0, 1], "
                    "1 keeps all")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="a tokenizer dir (a run's tokenizer/) or a tokenizer.json or folder holding one "
+                   "(default: the one saved with the model)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compare", help="compare run dirs by variant (runs that differ only in seed): statistics, "
@@ -331,13 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the model zoo presets: family, parameter count, context length")
     p.add_argument("--family", help="only this family (gpt2, llama, mistral, qwen2, gemma2, phi3, olmo, opt, "
-                                    "mixtral; config: the config tree's own presets)")
+                                    "mixtral, stablelm; config: the config tree's own presets)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("convert", help="convert between Hugging Face checkpoint dirs and olm model dirs (safetensors)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-hf", metavar="DIR", help="a local HF dir (config.json + *.safetensors) -> olm model dir")
-    source.add_argument("--to-hf", metavar="DIR", help="an olm model dir (written by Block.save) -> HF dir")
+    source.add_argument("--from-hf", metavar="DIR", help="a local HF dir (config.json + *.safetensors, and its "
+                        "tokenizer.json if any) -> olm model dir with its tokenizer/")
+    source.add_argument("--to-hf", metavar="PATH", help="an olm run dir (its model/, else its last checkpoint), "
+                        "model dir (written by Block.save) or .ckpt -> HF dir, with the model's tokenizer")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--family", help="HF family to export to (default: inferred from the model's components)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "keep"],

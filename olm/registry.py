@@ -161,8 +161,9 @@ def import_modules(modules: Iterable[str], path: str = "imports") -> None:
             raise ConfigError(f"{path}[{i}]={module!r} must be a module name (a non-empty string)")
         try:
             importlib.import_module(module)
-        except ImportError as exc:
-            raise ConfigError(f"{path}[{i}]={module!r} cannot be imported: {exc}") from exc
+        except Exception as exc:  # a team module's own bug too: one line naming the config key, not a traceback
+            reason = str(exc) if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
+            raise ConfigError(f"{path}[{i}]={module!r} cannot be imported: {reason}") from exc
 
 
 def kinds() -> list[str]:

@@ -19,7 +19,7 @@ from test_config import compose_train
 HF_REASON = "transformers is not installed: parity tests need the [hf] extra (pip install -e '.[hf]')"
 CONFIG_CLASSES = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                   "gemma2": "Gemma2Config", "phi3": "Phi3Config", "olmo": "OlmoConfig", "opt": "OPTConfig",
-                  "mixtral": "MixtralConfig"}
+                  "mixtral": "MixtralConfig", "stablelm": "StableLmConfig"}
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "opt": dict(dropout=0.0)}
 
 
@@ -307,3 +307,66 @@ def test_yarn_cannot_be_exported_as_phi3(tmp_path):
     cfg["position"] = {**cfg["position"], "scaling": {"type": "yarn", "factor": 4.0, "original_max_seq_len": 8}}
     with pytest.raises(ConfigError, match=r"^cannot export to phi3: yarn rope scaling \(transformers' Phi-3 reads longrope only\)$"):
         to_hf(olm.build_model(cfg), tmp_path)
+
+
+CONFIG_PRESETS = {"lm_tiny": "stablelm", "lm_small": "stablelm", "llama_small": "llama", "gpt2_small": "gpt2"}
+
+
+def test_every_config_preset_is_listed_here():
+    from olm.cli import config_presets
+
+    assert {name for name in config_presets() if name not in PRESETS} | {"gpt2_small"} == set(CONFIG_PRESETS)
+
+
+@pytest.mark.parametrize("preset,family", sorted(CONFIG_PRESETS.items()))
+def test_config_presets_export_with_logits_parity(preset, family, batch, tmp_path):
+    """make train's default (lm_small) and the config tree's other presets leave olm: the inferred family loads in
+    transformers with the same logits (two layers, random non-trivial weights)."""
+    transformers = pytest.importorskip("transformers", reason=HF_REASON)
+    cfg = compose_train([f"model={preset}", "data.vocab_size=100", "model.num_layers=2"]).model
+    torch.manual_seed(0)
+    model = olm.build_model(cfg).eval()
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)
+    to_hf(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == family
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert (back(batch).logits - model(batch)[..., :100]).abs().max() < 1e-4
+
+
+def test_convert_takes_a_run_dir_and_keeps_the_tokenizer_both_ways(tmp_path, capsys):
+    """A run dir (its model/ and tokenizer) -> HF dir with the tokenizer -> olm model dir with its tokenizer/, which
+    olm generate samples from; --tokenizer names another."""
+    transformers = pytest.importorskip("transformers", reason=HF_REASON)
+    from olm.data.tokenizers import EOS, HFTokenizer, train_bpe
+
+    corpus = ["def add(a, b):\n    return a + b\n" * 20, "class Point:\n    x: int = 0\n" * 20]
+    tokenizer = HFTokenizer(train_bpe(corpus, 300), "bpe", 300, EOS)
+    torch.manual_seed(0)
+    cfg = compose_train(["model=lm_tiny", f"data.vocab_size={tokenizer.vocab_size}"]).model
+    model = olm.build_model(cfg).eval()
+    run = tmp_path / "run"
+    model.save(run / "model")
+    tokenizer.save(run / "model" / "tokenizer")
+    assert cli_main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "hf")]) == 0
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tokenizer("def add")["input_ids"] == tokenizer.encode("def add")
+    assert cli_main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "tokenizer" / "tokenizer.json").is_file()
+    x = torch.tensor([tokenizer.encode("def add(a, b):")])
+    torch.testing.assert_close(LM.load(tmp_path / "back")(x), model(x))
+    capsys.readouterr()
+    greedy = ["--prompt", "def add", "--max-new-tokens", "8", "--temperature", "0"]
+    assert cli_main(["generate", "--ckpt", str(tmp_path / "back"), *greedy]) == 0
+    imported = capsys.readouterr().out
+    assert cli_main(["generate", "--ckpt", str(run), *greedy]) == 0
+    assert imported == capsys.readouterr().out and imported.startswith("def add")
+    (tmp_path / "bare").mkdir()
+    model.save(tmp_path / "bare" / "model")  # no tokenizer: --tokenizer names one (the HF dir's tokenizer.json)
+    assert cli_main(["generate", "--ckpt", str(tmp_path / "bare"), "--tokenizer", str(tmp_path / "hf"), *greedy]) == 0
+    assert capsys.readouterr().out == imported
+    assert cli_main(["generate", "--ckpt", str(tmp_path / "bare"), "--tokenizer", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --tokenizer {str(tmp_path / 'nowhere')!r} does not exist")
+    assert cli_main(["convert", "--to-hf", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --to-hf {str(tmp_path / 'empty')!r} does not exist")

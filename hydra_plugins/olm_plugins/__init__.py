@@ -2,8 +2,9 @@
 
 - ``OlmSearchPathPlugin``: registers olm's schemas and resolvers, puts olm's config tree (``pkg://olm.conf``) on
   every search path, and a team's own trees in front of it: ``conf/`` in the working directory and the directories
-  listed in ``OLM_CONFIG_PATH`` (separated by ``os.pathsep``). So Hydra's plain compose API works without an
-  olm-private call, and a team repository composes on top of olm's tree without copying it.
+  listed in ``OLM_CONFIG_PATH`` (separated by ``os.pathsep``); it imports the modules the team's model presets list
+  under ``imports``, so their components are options. So Hydra's plain compose API works without an olm-private
+  call or import, and a team repository composes on top of olm's tree without copying it.
 - ``TeamConfigSource`` (scheme ``olmteam://``): a team tree as a file tree in which ``experiments/`` (plural) also
   serves the ``experiment`` group, as in olm's own checkout.
 
@@ -41,12 +42,12 @@ def team_dirs() -> list[str]:
 
 class OlmSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        from olm.train.config import register_configs
+        from olm.train.compose import import_team_modules
 
-        register_configs()
         for path in reversed(team_dirs()):
             search_path.prepend(provider="olm-team", path=f"olmteam://{path}")
         search_path.append(provider="olm", path=OLM_TREE)
+        import_team_modules(search_path)  # the team presets' components become options; stores every schema
 
 
 class TeamConfigSource(FileConfigSource):

@@ -12,9 +12,13 @@ or local data files. ``olm.eval`` builds on ``olm.nn`` and ``olm.data``, not on 
 from olm.errors import ConfigError
 
 
-def require_lm_eval(what: str, alternative: str = "") -> None:
-    """One line naming ``what`` needs lm-eval, where it is not installed (olm installs without the extra)."""
+def lm_eval_installed() -> bool:
     import importlib.util
 
-    if importlib.util.find_spec("lm_eval") is None:
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def require_lm_eval(what: str, alternative: str = "") -> None:
+    """One line naming ``what`` needs lm-eval, where it is not installed (olm installs without the extra)."""
+    if not lm_eval_installed():
         raise ConfigError(f"{what} needs lm-eval: pip install 'olm[eval]'{alternative}")

@@ -178,19 +178,23 @@ def _check_prepared(data: DictConfig) -> None:
 
 
 def _check_eval(cfg: DictConfig) -> None:
-    """``callbacks.eval``: lm-eval installed, olm's own task names spelled right (other names are looked up in
-    lm-eval's registry when training starts, before the first step), and no FSDP (the model is sharded)."""
+    """``callbacks.eval``: olm's own task names spelled right (other names are looked up in lm-eval's registry when
+    training starts, before the first step), lm-eval installed unless ``without_lm_eval=skip`` (the run then says
+    once that it skips the evaluation), and no FSDP (the model is sharded)."""
     tasks = list(cfg.callbacks.eval.tasks)
     if not tasks:
         return
-    from olm.eval import require_lm_eval
+    from olm.eval import lm_eval_installed, require_lm_eval
     from olm.eval.tasks import GROUP, SHIPPED, unknown_olm_task
 
-    require_lm_eval(f"callbacks.eval.tasks={tasks}", " (or callbacks.eval.tasks=[] for no downstream evaluation)")
     name = unknown_olm_task(tasks)
     if name is not None:
         raise ConfigError(f"callbacks.eval.tasks: {name!r} is not one of olm's tasks"
                           + did_you_mean(name, [*SHIPPED, GROUP], "olm's tasks"))
+    if cfg.callbacks.eval.without_lm_eval == "skip" and not lm_eval_installed():
+        return
+    require_lm_eval(f"callbacks.eval.tasks={tasks} with callbacks.eval.without_lm_eval=refuse",
+                    " (or callbacks.eval.tasks=[] for no downstream evaluation)")
     strategy = cfg.trainer.strategy
     name = strategy.get("name") if isinstance(strategy, DictConfig) else strategy
     if name == "fsdp":

@@ -3,8 +3,9 @@ into one-line ConfigErrors that name the override, the key and the known options
 
 The search path is Hydra's for the app: olm's tree as package data (``pkg://olm.conf``) or the primary config dir
 given with ``--config-path``, a ``--config-dir`` in front, and what olm's SearchPathPlugin adds (a team's ``conf/``
-in the working directory, ``OLM_CONFIG_PATH``). Components a config imports (``model.imports``) are imported before
-composing, so that their schemas exist when ``model/norm=<plugin>`` is looked up.
+in the working directory, ``OLM_CONFIG_PATH``). The modules that a team tree's model presets list under ``imports``
+are imported when the search path is built (:func:`import_team_modules`), so that their components, of any kind and
+any number, are Hydra options before anything composes.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import itertools
 import os
 from typing import Iterator
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from olm.errors import ConfigError, did_you_mean, first_line
-from olm.train.config import register_configs
+from olm.train.config import conf_dir, register_configs
 
 CONFIG_MODULE = "olm.conf"
 COMPONENT_GROUPS = ("attention", "norm", "ffn", "position")
@@ -46,6 +47,7 @@ def hydra_app(config_path: str | None = None, config_dir: str | None = None) -> 
         if not os.path.isdir(extra):
             raise ConfigError(f"--config-dir {config_dir!r}: no such directory")
         search_path.prepend("command-line", f"file://{extra}", anchor=SearchPathQuery(provider="schema"))
+        import_team_modules(search_path)  # the plugin ran before --config-dir was added
     global_hydra = GlobalHydra.instance()
     previous = global_hydra.hydra if global_hydra.is_initialized() else None
     global_hydra.clear()
@@ -91,9 +93,52 @@ def compose(overrides: list[str] = (), *, config_path: str | None = None, config
     return cfg
 
 
+def team_presets(search_path) -> dict[str, list | Exception]:
+    """The model presets of the search path's trees other than olm's, each with the modules it lists under
+    ``imports`` (read by Hydra's config sources, without composing), or the exception that loading it raised."""
+    from hydra._internal.sources_registry import SourcesRegistry
+    from hydra.core.object_type import ObjectType
+
+    presets: dict[str, list | Exception] = {}
+    for element in search_path.get_path():
+        path = str(element.path)
+        scheme, _, where = path.rpartition("://")
+        if path.startswith(("pkg://", "structured://")) or os.path.realpath(where) == str(conf_dir()):
+            continue  # olm's and Hydra's trees import nothing; a team's package registers through its entry point
+        source = SourcesRegistry.instance().resolve(scheme)(element.provider, path)
+        if not source.available() or not source.is_group("model"):
+            continue
+        for name in source.list("model", ObjectType.CONFIG):
+            if name in presets or name.startswith("schema"):
+                continue  # an earlier tree's preset of the same name wins, as in Hydra
+            try:
+                imports = source.load_config(f"model/{name}").config.get("imports")
+                presets[name] = list(imports) if isinstance(imports, ListConfig) else []
+            except Exception as exc:  # a broken preset is reported when it is used, not by every other command
+                presets[name] = exc
+    return presets
+
+
+def import_team_modules(search_path) -> None:
+    """Import the modules that the team trees' model presets list under ``imports`` and store their components'
+    schemas, so that a team preset composes whatever team components (attention, norm, ffn, position, optimizer)
+    it names, through every entry point, Hydra's plain compose API included. A preset whose imports fail is
+    skipped here: choosing it reports the failure (:func:`_compose_importing`), and other presets still work."""
+    from olm import registry
+
+    for imports in team_presets(search_path).values():
+        if isinstance(imports, list):
+            try:
+                registry.import_modules(imports)
+            except ConfigError:
+                continue
+    register_configs()
+
+
 def _compose_importing(app, config_name: str, overrides: list[str], mode) -> DictConfig:
-    """Compose; when a model component option is missing, look for ``model.imports`` in a config that selects a
-    stand-in for it, import those modules (their components register schemas) and compose again."""
+    """Compose; when model component options are missing (a preset of a tree not scanned for imports, or one whose
+    imports failed), put stand-ins in their place to read ``model.imports``, import those modules (a failure is the
+    line reported) and compose again."""
     from hydra.core.config_store import ConfigStore
     from hydra.errors import MissingConfigException
 
@@ -102,19 +147,30 @@ def _compose_importing(app, config_name: str, overrides: list[str], mode) -> Dic
 
     try:
         return run()
-    except MissingConfigException as exc:
-        group, _, name = str(getattr(exc, "missing_cfg_file", "") or "").rpartition("/")
-        kind = group.removeprefix("model/")
-        if not group.startswith("model/") or kind not in COMPONENT_GROUPS or not name:
-            raise
+    except MissingConfigException as first:
         store = ConfigStore.instance()
-        store.store(group=group, name=name, node={"name": name})  # a stand-in, only to read model.imports
+        stand_ins: list[tuple[str, str]] = []
         try:
-            imports = OmegaConf.select(run(), "model.imports", default=None) or []
+            exc = first
+            while True:  # one stand-in per missing component: a preset may name several of the team's
+                group, _, name = str(getattr(exc, "missing_cfg_file", "") or "").rpartition("/")
+                kind = group.removeprefix("model/")
+                if not group.startswith("model/") or kind not in COMPONENT_GROUPS or not name:
+                    raise first from None
+                if (kind, name) in stand_ins:  # not a default of the preset: a stand-in cannot help
+                    raise first from None
+                store.store(group=group, name=name, node={"name": name})
+                stand_ins.append((kind, name))
+                try:
+                    imports = OmegaConf.select(run(), "model.imports", default=None) or []
+                    break
+                except MissingConfigException as again:
+                    exc = again
         finally:  # a failure here is another mistake of the command line: reported as it is
-            store.repo["model"][kind].pop(f"{name}.yaml", None)
+            for kind, name in stand_ins:
+                store.repo["model"][kind].pop(f"{name}.yaml", None)
         if not imports:
-            raise exc from None
+            raise first from None
         from olm import registry
 
         registry.import_modules(list(imports), "model.imports")

@@ -36,6 +36,8 @@ FLOAT8_RECIPES = ("tensorwise", "rowwise")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("auto", "online", "offline")
+# callbacks.eval where lm-eval (the extra [eval]) is not installed: skip it with one warning, or refuse the run.
+EVAL_WITHOUT_LM_EVAL = ("skip", "refuse")
 # Lightning's precision names, plus olm's "auto" (bf16-mixed on a GPU with bf16, 32-true otherwise).
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64",
               "transformer-engine", "transformer-engine-float16")
@@ -344,6 +346,8 @@ class EvalConfig:
                                    allowed="a positive integer (items per task; null: all)")
     batch_size: int = setting(16, check=positive_int, allowed="a positive integer")
     include_path: List[str] = setting([], check=_task_names, allowed="a list of folders of task YAMLs")
+    # skip: without lm-eval (a plain `pip install olm`) the run trains and says once that it evaluates nothing.
+    without_lm_eval: str = setting("skip", choices=EVAL_WITHOUT_LM_EVAL)
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from olm.errors import ConfigError, first_line
+from olm.eval import lm_eval_installed
 from olm.train.checks import check_run
 from olm.train.config import (CallbacksConfig, DataConfig, LoggerConfig, SampleConfig, SchedulerConfig,
                               TrainerConfig, optimizer_schema, speed_config, typed)
@@ -324,7 +325,11 @@ def train(cfg: DictConfig) -> float | None:
     if datamodule.tokenizer is not None:
         callbacks.append(TokenizerRecord(datamodule.tokenizer.identity))
     downstream = None
-    if callbacks_cfg.eval.tasks:
+    if callbacks_cfg.eval.tasks and not lm_eval_installed():  # without_lm_eval=skip: refuse was checked before
+        if first_process():
+            log.warning("callbacks.eval.tasks=%s skipped: lm-eval is not installed (pip install 'olm[eval]' adds "
+                        "it; callbacks.eval.tasks=[] turns the evaluation off)", list(callbacks_cfg.eval.tasks))
+    elif callbacks_cfg.eval.tasks:
         from olm.train.callbacks import DownstreamEval
 
         downstream = DownstreamEval(callbacks_cfg.eval, throughput, cache_dir=data_cfg.cache_dir)

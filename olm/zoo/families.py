@@ -218,6 +218,22 @@ def olmo_to_olm(hf: dict) -> dict:
     return cfg
 
 
+def stablelm_to_olm(hf: dict) -> dict:
+    """StableLM (Stability AI): LayerNorm with weights and biases, RoPE on a fraction of each head, SwiGLU, GQA;
+    the default structure of olm's own presets (lm_tiny, lm_small)."""
+    for key in ("qk_layernorm", "use_parallel_residual"):
+        if hf.get(key):
+            raise ConfigError(f"{key}=true is not supported (per-head q/k LayerNorm, parallel residual)")
+    params = hf.get("rope_parameters") or {}
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25))  # StableLmConfig's default
+    cfg = llama_to_olm({**hf, "partial_rotary_factor": partial, "attention_bias": False,
+                        "rope_parameters": {k: v for k, v in params.items() if k != "partial_rotary_factor"}})
+    if hf.get("use_qkv_bias"):
+        cfg["attention"] = {**cfg["attention"], "bias": True, "out_bias": False}
+    cfg["norm"] = {"name": "layernorm", "eps": hf.get("layer_norm_eps", 1e-5)}
+    return cfg
+
+
 def gemma2_to_olm(hf: dict) -> dict:
     hf = {**hf, "sliding_window": hf.get("sliding_window", 4096)}
     if not hf.get("layer_types"):
@@ -314,7 +330,8 @@ def _rope_to_hf(position, family: str) -> dict:
             params.update({k: scaling[k] for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
                                                     "truncate", "short_factor", "long_factor") if scaling.get(k) is not None})
     if position.rotary_dim != cfg["head_dim"]:
-        _require(family == "phi3", family, "partial rotary embeddings (rotary_dim < head_dim) need phi3")
+        _require(family in ("phi3", "stablelm"), family,
+                 "partial rotary embeddings (rotary_dim < head_dim) need phi3 or stablelm")
         params["partial_rotary_factor"] = position.rotary_dim / cfg["head_dim"]
     return params
 
@@ -394,6 +411,23 @@ def olmo_to_hf(model) -> dict:
     cfg = _llama_like_hf(model, "olmo", {**f, "norm": "rmsnorm"}) | {"attention_bias": f["attn_bias"]}
     cfg.pop("rms_norm_eps")
     return cfg
+
+
+def stablelm_to_hf(model) -> dict:
+    f = _facts(model)
+    norm = model.blocks[0].layers[0]
+    _require(f["norm"] == "layernorm" and norm.weight is not None and norm.bias is not None, "stablelm",
+             "needs layernorm with weights and biases")
+    _require(set(f["windows"]) == {None} and not f["out_bias"], "stablelm", "no sliding window, no output bias")
+    _require(model.blocks[0].ffn.fc.bias is None and f["head_dim"] * f["num_attention_heads"] == f["hidden_size"],
+             "stablelm", "no ffn bias, head_dim x num_heads = embed_dim")
+    cfg = _llama_like_hf(model, "stablelm", {**f, "norm": "rmsnorm"})  # rmsnorm: the rest of llama's rules apply
+    rope = cfg["rope_parameters"]
+    rope["partial_rotary_factor"] = rope.get("partial_rotary_factor", 1.0)
+    for key in ("rms_norm_eps", "head_dim"):
+        cfg.pop(key)
+    return cfg | {"layer_norm_eps": f["eps"], "use_qkv_bias": f["attn_bias"], "qk_layernorm": False,
+                  "use_parallel_residual": False, "hidden_dropout": 0.0, "attention_dropout": f["dropout"]}
 
 
 def gemma2_to_hf(model) -> dict:
@@ -544,6 +578,7 @@ FAMILIES: dict[str, Family] = {
         Family("olmo", "OlmoForCausalLM", "olmo", olmo_to_olm, olmo_to_hf, llama_tensors),
         Family("opt", "OPTForCausalLM", "opt", opt_to_olm, opt_to_hf, opt_tensors),
         Family("mixtral", "MixtralForCausalLM", "mixtral", mixtral_to_olm, mixtral_to_hf, llama_tensors),
+        Family("stablelm", "StableLmForCausalLM", "stablelm", stablelm_to_olm, stablelm_to_hf, llama_tensors),
     ]
 }
 
@@ -565,8 +600,8 @@ def infer_family(model) -> Family:
         return FAMILIES["gemma2"]
     if f["ffn"] == "gelu_mlp":
         return FAMILIES["opt" if getattr(f["position"], "offset", 0) == 2 else "gpt2"]
-    if f["norm"] == "layernorm":
-        return FAMILIES["olmo"]
+    if f["norm"] == "layernorm":  # OLMo's has no weights; StableLM's (olm's default presets) weights and biases
+        return FAMILIES["olmo" if model.blocks[0].layers[0].weight is None else "stablelm"]
     if f["attn_bias"] and not f["out_bias"]:
         return FAMILIES["qwen2"]
     if f["position"] is not None and getattr(f["position"], "rotary_dim", None) not in (None, f["head_dim"]):

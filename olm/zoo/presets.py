@@ -99,6 +99,13 @@ PRESETS: dict[str, Preset] = {
     "olmo_tiny": Preset("olmo", _llama(64, 2, 4, 4, 96, 100, 64, 10000.0)),
     "olmo_1b": Preset("olmo", _llama(2048, 16, 16, 16, 8192, 50304, 2048, 10000.0, tie=True), 1_176_764_416, "allenai/OLMo-1B-hf"),
     "olmo_7b": Preset("olmo", _llama(4096, 32, 32, 32, 11008, 50304, 2048, 10000.0), 6_888_095_744, "allenai/OLMo-7B-hf"),
+    # StableLM 2 (Stability AI): LayerNorm with weights and biases, RoPE on a quarter of each head, SwiGLU, q/k/v
+    # biases: the structure of olm's own lm_tiny / lm_small, which export as this family.
+    "stablelm_tiny": Preset("stablelm", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=96, vocab_size=100,
+                                             max_position_embeddings=64, layer_norm_eps=1e-5, use_qkv_bias=True,
+                                             rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                  partial_rotary_factor=0.25))),
     # OPT (Meta 2022): learned positions offset by 2, ReLU MLP, pre-LayerNorm, biases everywhere.
     "opt_tiny": Preset("opt", _opt(32, 2, 4, 64, vocab=100, ctx=64)),
     "opt_125m": Preset("opt", _opt(768, 12, 12, 3072), 125_239_296, "facebook/opt-125m"),
