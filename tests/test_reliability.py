@@ -485,9 +485,43 @@ def test_wandb_failures_never_stop_training_and_nothing_listens(tmp_path, cache_
     text = caplog.text
     assert "W&B (online) could not start: api.wandb.ai is unreachable (test)" in text
     assert "W&B online failed; logging offline to" in text
-    assert "W&B log failed (wandb-core went away (test)); W&B logging is off for the rest of this run" in text
+    assert "W&B log failed (wandb-core went away (test)); that row is missing from W&B" in text
+    assert "W&B failed 3 times in a row; W&B logging is off for the rest of this run" in text
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
     assert sockets == [[]]  # W&B's service talks over a Unix socket; no TCP/UDP port is opened
+
+
+def test_a_failed_wandb_call_loses_only_its_own_row(tmp_path, monkeypatch, caplog):
+    """One W&B call that fails (a busy service, a full socket) must not turn W&B off for the rest of the run: the
+    record keeps every other row, and the log says how many calls W&B missed."""
+    import wandb
+    from wandb.sdk.wandb_run import Run
+
+    from olm.train.config import LoggerConfig
+    from olm.train.wandb_logging import finish_wandb, make_wandb_logger
+    from wandb_records import summarize
+
+    real_log, calls = Run.log, []
+
+    def flaky_log(self, data, *args, **kwargs):
+        calls.append(kwargs.get("step"))
+        if len(calls) == 4:
+            raise RuntimeError("service busy (test)")
+        return real_log(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "log", flaky_log)
+    caplog.set_level("WARNING", logger="olm")
+    logger = make_wandb_logger(LoggerConfig(mode="offline", group=None, job_type=None), "flaky", tmp_path)
+    for step in range(10):
+        logger.log_metrics({"train/loss": float(step)}, step=step)
+    logger.finalize("success")
+    finish_wandb()
+    record = summarize(next((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")))
+    logged = [row["train/loss"] for row in record["history"] if "train/loss" in row]
+    assert logged == [float(s) for s in range(10) if s != 3]
+    assert "W&B log failed (service busy (test)); that row is missing from W&B" in caplog.text
+    assert "W&B missed 1 logging calls of this run" in caplog.text
+    assert "logging is off" not in caplog.text
 
 
 # ---- bad input: one line naming the key and the allowed values, before any training

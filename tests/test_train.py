@@ -49,7 +49,8 @@ def train_losses(run_dir: Path) -> dict[float, float]:
     return {float(r["tokens_seen"]): float(r["train/loss"]) for r in read_metrics(run_dir) if r.get("train/loss")}
 
 
-def test_tiny_run_learns_and_writes_its_run_dir(tmp_path, cache_dir):
+def test_tiny_run_learns_and_writes_its_run_dir(tmp_path, cache_dir, caplog):
+    caplog.set_level("WARNING", logger="olm")
     out, value = run(tmp_path, cache_dir, ["trainer.max_steps=60", "trainer.val_check_interval=30", "logger=wandb"])
     for name in ("config.yaml", "metrics.csv", "summary.json", "checkpoints/last.ckpt", "model/config.json",
                  "model/model.safetensors", "model/tokenizer/tokenizer_meta.json"):
@@ -74,7 +75,8 @@ def test_tiny_run_learns_and_writes_its_run_dir(tmp_path, cache_dir):
     record = summarize(runs[0])
     assert record["config"]["model"]["embed_dim"] == 32 and record["config"]["num_parameters"] == 40_256
     logged = [h["train/loss"] for h in record["history"] if "train/loss" in h]
-    assert logged == pytest.approx(losses, abs=1e-6)
+    wandb_warnings = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]
+    assert not wandb_warnings and logged == pytest.approx(losses, abs=1e-6), (len(logged), wandb_warnings)
     assert record["summary"]["val_loss"] == pytest.approx(summary["val_loss"])
 
 

@@ -10,6 +10,7 @@ from olm.errors import first_line
 from olm.train.config import LoggerConfig
 
 log = logging.getLogger("olm")
+GIVE_UP_AFTER = 3  # failed W&B calls in a row that mean W&B itself is gone
 
 
 def resolve_mode(mode: str) -> str:
@@ -24,26 +25,36 @@ def _safe_logger_class():
     from lightning.pytorch.utilities import rank_zero_only
 
     class SafeWandbLogger(WandbLogger):
-        """A WandbLogger whose failures mid-run (service gone, disk full, network) turn W&B off with a warning
-        instead of stopping training; metrics.csv and summary.json keep the full record."""
-
-        _failed = False
+        """A WandbLogger whose failures mid-run (service gone, disk full, network) never stop training: a failed
+        call loses that call's row only and is counted; W&B is turned off after ``GIVE_UP_AFTER`` failures in a
+        row (a dead service). metrics.csv and summary.json keep the full record either way, and the run's log says
+        how many calls W&B missed."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             # Lightning always passes `anonymous` to wandb.init, which then warns that the setting has no effect.
             self._wandb_init.pop("anonymous", None)
+            self.failed_calls = 0
+            self._failures_in_a_row = 0
 
         def _guard(self, what: str, fn, *args, **kwargs):
-            if self._failed:
+            if self._failures_in_a_row >= GIVE_UP_AFTER:
+                self.failed_calls += 1
                 return None
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
             except Exception as exc:  # logging must never kill a training run
-                self._failed = True
-                log.warning("W&B %s failed (%s); W&B logging is off for the rest of this run, metrics.csv and "
-                            "summary.json still get everything", what, first_line(exc))
+                self.failed_calls += 1
+                self._failures_in_a_row += 1
+                if self.failed_calls == 1:
+                    log.warning("W&B %s failed (%s); that row is missing from W&B, metrics.csv and summary.json "
+                                "have it", what, first_line(exc))
+                if self._failures_in_a_row == GIVE_UP_AFTER:
+                    log.warning("W&B failed %d times in a row; W&B logging is off for the rest of this run",
+                                GIVE_UP_AFTER)
                 return None
+            self._failures_in_a_row = 0
+            return result
 
         def log_hyperparams(self, params) -> None:
             self._guard("log_hyperparams", super().log_hyperparams, params)
@@ -64,6 +75,9 @@ def _safe_logger_class():
 
         def finalize(self, status: str) -> None:
             self._guard("finalize", super().finalize, status)
+            if self.failed_calls:
+                log.warning("W&B missed %d logging calls of this run; metrics.csv and summary.json have every row",
+                            self.failed_calls)
 
         def update_summary(self, values: dict) -> None:
             self._guard("summary update", lambda: self.experiment.summary.update(values))
