@@ -19,7 +19,9 @@ from test_config import compose_train
 HF_REASON = "transformers is not installed: parity tests need the [hf] extra (pip install -e '.[hf]')"
 CONFIG_CLASSES = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                   "gemma2": "Gemma2Config", "phi3": "Phi3Config", "olmo": "OlmoConfig", "opt": "OPTConfig",
-                  "mixtral": "MixtralConfig"}
+                  "mixtral": "MixtralConfig", "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig",
+                  "gemma3": "Gemma3TextConfig", "olmo2": "Olmo2Config", "smollm3": "SmolLM3Config",
+                  "gpt_oss": "GptOssConfig", "deepseek_v3": "DeepseekV3Config"}
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "opt": dict(dropout=0.0)}
 
 

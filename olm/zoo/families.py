@@ -463,7 +463,8 @@ def _facts(model) -> dict:
         out_bias=attn.proj.bias is not None, post_norms=first.post_norms, attention=attn, dropout=attn.dropout,
         pre_norms=first.pre_norms, kind=type(attn).component_name, sinks=getattr(attn, "sinks", None) is not None,
         q_norm=getattr(attn, "q_norm", None) if type(attn).component_name != "mla" else None,
-        nope_layers=[b.attention.position is None for b in model.blocks],
+        # NoPE layers: without rotary positions among layers with them (not a model without any, like GPT-2)
+        nope_layers=[bool(positioned) and b.attention.position is None for b in model.blocks],
     )
 
 
@@ -681,7 +682,7 @@ def olmo2_to_hf(model) -> dict:
     _require(not f["pre_norms"] and f["post_norms"], "olmo2", "needs norms after the sub-layers only (pre_norms=false)")
     _qk_norm_eps(f, "olmo2", "all")
     _require(set(f["windows"]) == {None} and f["attn_bias"] == f["out_bias"], "olmo2", "no sliding window")
-    f = {**f, "pre_norms": True, "q_norm": None}  # checked above; the rest is Llama's
+    f = {**f, "pre_norms": True, "post_norms": False, "q_norm": None}  # checked above; the rest is Llama's
     return _llama_like_hf(model, "olmo2", f) | {"attention_bias": f["attn_bias"]}
 
 
