@@ -25,13 +25,23 @@ CONFIG_CLASSES = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "mistral": "Mist
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "opt": dict(dropout=0.0)}
 
 
+NEW_FAMILIES = ["qwen3", "qwen3_moe", "gemma3", "olmo2", "smollm3", "gpt_oss", "deepseek_v3"]
+
+
 def tiny_hf(family: str, **overrides):
-    """A random tiny transformers model of ``family`` from its ``<family>_tiny`` preset (no network)."""
+    """A random tiny transformers model of ``family`` from its ``<family>_tiny`` preset (no network). Norm weights,
+    biases, attention sinks and routing biases start at constants in transformers; they get random offsets here so
+    that a wrong mapping of any of them shows in the logits."""
     transformers = pytest.importorskip("transformers", reason=HF_REASON)
     hf = {**PRESETS[f"{family}_tiny"].hf, **NO_DROPOUT.get(family, {}), **overrides}
     config = getattr(transformers, CONFIG_CLASSES[family])(**hf, pad_token_id=None, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.dtype.is_floating_point and any(k in name for k in ("norm", "bias", "sinks")):
+                tensor.add_(torch.randn_like(tensor) * 0.1)
+    return model
 
 
 def lm_loss(logits, x):
@@ -69,6 +79,20 @@ def test_export_loads_in_transformers_with_equal_logits(family, batch, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [FAMILIES[family].architecture]
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert (back(batch).logits - model(batch)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_greedy_generation_with_the_kv_cache_equals_transformers(family):
+    """32 greedy tokens with olm's KV cache (latent cache for MLA, sliding windows shorter than the sequence) are
+    transformers' own generate()."""
+    from olm.generate import generate
+
+    hf = tiny_hf(family)
+    model = from_hf(hf).eval()
+    prompt = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(4))
+    hf.generation_config.eos_token_id = None
+    expected = hf.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert torch.equal(generate(model, prompt, 32, temperature=0), expected)
 
 
 def _random_lm(preset: str) -> LM:

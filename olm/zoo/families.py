@@ -415,6 +415,8 @@ def deepseek_v3_to_olm(hf: dict) -> dict:
     if hf.get("num_key_value_heads") not in (None, hf["num_attention_heads"]):
         raise ConfigError(f"num_key_value_heads={hf['num_key_value_heads']} is not supported: multi-head latent "
                           f"attention has num_attention_heads={hf['num_attention_heads']} key/value heads")
+    if hf.get("rope_interleave", True) is False:
+        raise ConfigError("rope_interleave=false is not supported (olm reads DeepSeek's interleaved rotary layout)")
     rope_hf = {**hf, "head_dim": hf["qk_rope_head_dim"]}
     attention = {"name": "mla", "kv_rank": hf["kv_lora_rank"], "q_rank": hf.get("q_lora_rank"),
                  "rope_dim": hf["qk_rope_head_dim"], "nope_dim": hf["qk_nope_head_dim"], "v_dim": hf["v_head_dim"],

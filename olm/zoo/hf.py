@@ -124,7 +124,10 @@ def load_hf_dir(directory: str | os.PathLike, dtype: torch.dtype | None = torch.
             shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(m.hf, tensors))
             raise ConfigError(f"{checkpoint.directory}: shape mismatch for {shapes}; config.json implies {tuple(expected)} for olm {m.olm!r}")
         state[m.olm] = value.to(dtype) if dtype is not None else value
-    unused = sorted(k for k in checkpoint.location if k not in used and not k.endswith(IGNORED_SUFFIXES))
+    # DeepSeek-V3's multi-token-prediction layers follow the last layer; transformers does not load them either.
+    extra_layers = f"model.layers.{hf['num_hidden_layers']}." if hf.get("num_nextn_predict_layers") else None
+    unused = sorted(k for k in checkpoint.location if k not in used and not k.endswith(IGNORED_SUFFIXES)
+                    and not (extra_layers and k.startswith(extra_layers)))
     if unused:
         raise ConfigError(f"{checkpoint.directory}: tensor {unused[0]!r} is not used by the {family.name} mapping ({len(unused)} unused)")
     model.load_state_dict(state, strict=False, assign=True)
