@@ -338,8 +338,8 @@ class SlidingWindowAttention(Attention):
 class MultiHeadLatentAttention(Block):
     """Multi-head latent attention (DeepSeek-V2/V3): keys and values are rebuilt from a small compressed latent.
 
-    Queries: ``x -> q_b(norm(q_a(x)))`` through a rank-``q_rank`` bottleneck (``q_rank: null`` gives one full
-    projection ``q``), each head ``nope_dim + rope_dim`` wide. Keys and values: ``kv_a`` maps ``x`` to a
+    Queries: ``x -> q_b(norm(q_a(x)))`` through a rank-``q_rank`` bottleneck (DeepSeek-V3: 1536; the default, null,
+    gives one full projection ``q``), each head ``nope_dim + rope_dim`` wide. Keys and values: ``kv_a`` maps ``x`` to a
     ``kv_rank`` latent plus one ``rope_dim`` rotary key shared by all heads; ``kv_b`` expands the normalised latent
     into each head's ``nope_dim`` key part and ``v_dim`` value. Only the rotary parts carry positions, so the cache
     holds ``kv_rank + rope_dim`` numbers per token and layer (the latent and the rotated shared key) instead of
@@ -355,7 +355,7 @@ class MultiHeadLatentAttention(Block):
         causal: bool = False,
         *,
         kv_rank: int = 512,
-        q_rank: int | None = 1536,
+        q_rank: int | None = None,
         rope_dim: int = 64,
         nope_dim: int = 128,
         v_dim: int = 128,
