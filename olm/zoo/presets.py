@@ -183,7 +183,7 @@ PRESETS: dict[str, Preset] = {
     "deepseek_v3_tiny": Preset("deepseek_v3", _deepseek_v3(36, 3, 3, 24, 16, 8, 12, 10, 48, 16, 8, 3, 4, 2, 1,
                                                            vocab=100, ctx=64)),
     "deepseek_v3_small": Preset("deepseek_v3", _deepseek_v3(1024, 12, 16, 384, 128, 32, 64, 64, 2816, 256, 32, 4, 4, 2,
-                                                            1)),
+                                                            1), None, "DeepSeek-V3's design, scaled down"),
     "deepseek_v3_671b": Preset("deepseek_v3", _deepseek_v3(7168, 61, 128, 1536, 512, 64, 128, 128, 18432, 2048, 256, 8,
                                                            8, 4, 3, ctx=163840, **DEEPSEEK_V3_ROPE),
                                671_000_000_000, "deepseek-ai/DeepSeek-V3"),
