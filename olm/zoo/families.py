@@ -146,25 +146,6 @@ def _attention(hf: dict, window: int | None = None, **extra) -> dict:
     return {**spec, **extra}
 
 
-def _layer_windows(hf: dict, default_window: int | None) -> tuple[int | None, list | None]:
-    """(window of every layer, or None and per-layer block_overrides) from ``layer_types``, shortest repeating cycle."""
-    types = hf.get("layer_types")
-    window = hf.get("sliding_window")
-    if not types or not window or len(set(types)) == 1:
-        return (window if types and types[0] == "sliding_attention" else default_window), None
-    for period in range(1, len(types) + 1):
-        if all(t == types[i % period] for i, t in enumerate(types)):
-            break
-    return None, [{"window": window} if t == "sliding_attention" else {} for t in types[:period]]
-
-
-def _overrides(attention: dict, windows: list | None) -> list | None:
-    if windows is None:
-        return None
-    plain = {k: v for k, v in attention.items() if k not in ("name", "window")}
-    return [{"attention": {"name": "sliding_window", **plain, **w}} if w else {} for w in windows]
-
-
 def _base(hf: dict, **extra) -> dict:
     max_seq_len = hf["max_position_embeddings"]
     scaling = (extra.get("position") or {}).get("scaling") or {}
@@ -198,13 +179,8 @@ def mistral_to_olm(hf: dict) -> dict:
 
 def qwen2_to_olm(hf: dict) -> dict:
     hf = {**hf, "sliding_window": hf.get("sliding_window") if hf.get("use_sliding_window") else None}
-    if hf["sliding_window"] and not hf.get("layer_types"):
-        hf["layer_types"] = ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
-                             for i in range(hf["num_hidden_layers"])]
-    window, windows = _layer_windows(hf, None)
-    cfg = llama_to_olm(hf, window=window, attention_extra={"bias": True, "out_bias": False})
-    cfg["block_overrides"] = _overrides(cfg["attention"], windows)
-    return _drop_none(cfg)
+    cfg = llama_to_olm(hf, attention_extra={"bias": True, "out_bias": False})
+    return _windowed(cfg, hf, _layer_types(hf))
 
 
 def phi3_to_olm(hf: dict) -> dict:
@@ -228,24 +204,21 @@ def olmo_to_olm(hf: dict) -> dict:
 
 def gemma2_to_olm(hf: dict) -> dict:
     hf = {**hf, "sliding_window": hf.get("sliding_window", 4096)}
-    if not hf.get("layer_types"):
-        hf["layer_types"] = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(hf["num_hidden_layers"])]
-    window, windows = _layer_windows(hf, None)
     extra = {"scale": hf.get("query_pre_attn_scalar", 256) ** -0.5}
     if hf.get("attn_logit_softcapping") is not None:
         extra["softcap"] = float(hf["attn_logit_softcapping"])
     if hf.get("attention_bias"):
         extra["bias"] = True
-    attention = _attention(hf, window, **extra)
+    attention = _attention(hf, **extra)
     cfg = _base(
         hf, attention=attention, norm={"name": "rmsnorm", "eps": hf.get("rms_norm_eps", 1e-6)},
         ffn={"name": "geglu", "hidden_dim": hf["intermediate_size"]}, position=_rope(hf), post_norms=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)), embed_scale=math.sqrt(hf["hidden_size"]),
-        logit_softcap=hf.get("final_logit_softcapping", 30.0), block_overrides=_overrides(attention, windows),
+        logit_softcap=hf.get("final_logit_softcapping", 30.0),
     )
     if _activation(hf, "hidden_activation", "gelu_pytorch_tanh") != "gelu_tanh":
         raise ConfigError(f"hidden_activation={hf['hidden_activation']!r} is not supported; known: gelu_pytorch_tanh")
-    return _drop_none(cfg)
+    return _windowed(cfg, hf, _layer_types(hf, 2))
 
 
 def gpt2_to_olm(hf: dict) -> dict:
@@ -295,7 +268,7 @@ def _layer_types(hf: dict, pattern: int | None = None) -> list[str]:
     if pattern:
         return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
     if hf.get("use_sliding_window") and hf.get("sliding_window"):
-        return ["sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention" for i in range(n)]
+        return ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention" for i in range(n)]
     return ["full_attention"] * n
 
 
