@@ -269,8 +269,8 @@ class GroupedQueryAttention(Attention):
     ):
         super().__init__(
             embed_dim, num_heads, max_seq_len, dropout, causal, num_kv_heads=num_kv_heads, position=position,
-            bias=bias, out_bias=out_bias, head_dim=head_dim, qk_norm=qk_norm, softcap=softcap, scale=scale, qk_norm_scope=qk_norm_scope,
-            sinks=sinks,
+            bias=bias, out_bias=out_bias, head_dim=head_dim, qk_norm=qk_norm, softcap=softcap, scale=scale,
+            qk_norm_scope=qk_norm_scope, sinks=sinks,
         )
 
 
@@ -298,8 +298,8 @@ class MultiQueryAttention(Attention):
     ):
         super().__init__(
             embed_dim, num_heads, max_seq_len, dropout, causal, num_kv_heads=1, position=position, bias=bias,
-            out_bias=out_bias, head_dim=head_dim, qk_norm=qk_norm, softcap=softcap, scale=scale, qk_norm_scope=qk_norm_scope,
-            sinks=sinks,
+            out_bias=out_bias, head_dim=head_dim, qk_norm=qk_norm, softcap=softcap, scale=scale,
+            qk_norm_scope=qk_norm_scope, sinks=sinks,
         )
 
 
@@ -329,8 +329,8 @@ class SlidingWindowAttention(Attention):
     ):
         super().__init__(
             embed_dim, num_heads, max_seq_len, dropout, causal, num_kv_heads=num_kv_heads, window=window,
-            position=position, bias=bias, out_bias=out_bias, head_dim=head_dim, qk_norm=qk_norm, softcap=softcap, scale=scale,
-            qk_norm_scope=qk_norm_scope, sinks=sinks,
+            position=position, bias=bias, out_bias=out_bias, head_dim=head_dim, qk_norm=qk_norm, softcap=softcap,
+            scale=scale, qk_norm_scope=qk_norm_scope, sinks=sinks,
         )
 
 

@@ -212,7 +212,8 @@ class MoE(Block):
         if routing not in ROUTINGS:
             raise ConfigError(f"{where('routing')}={routing!r} is not known; known: {', '.join(ROUTINGS)}")
         if activation not in EXPERT_ACTIVATIONS:
-            raise ConfigError(f"{where('activation')}={activation!r} is not known; known: {', '.join(EXPERT_ACTIVATIONS)}")
+            raise ConfigError(f"{where('activation')}={activation!r} is not known; "
+                              f"known: {', '.join(EXPERT_ACTIVATIONS)}")
         if num_groups < 1 or num_experts % num_groups:
             raise ConfigError(f"{where('num_groups')}={num_groups} must divide num_experts={num_experts}")
         if not 1 <= top_groups <= num_groups or top_groups * (num_experts // num_groups) < top_k:
@@ -223,7 +224,8 @@ class MoE(Block):
         hidden = hidden_size(embed_dim, ff_multiplier, multiple_of, hidden_dim)
         self.num_experts, self.top_k, self.hidden = num_experts, top_k, hidden
         self.normalize_top_k, self.aux_loss_coef = normalize_top_k, aux_loss_coef
-        self.routing, self.num_groups, self.top_groups, self.routed_scale = routing, num_groups, top_groups, routed_scale
+        self.routing, self.routed_scale = routing, routed_scale
+        self.num_groups, self.top_groups = num_groups, top_groups
         self.balance_rate, self.activation, self.limit, self.alpha = balance_rate, activation, limit, alpha
         self.router = nn.Linear(embed_dim, num_experts, bias=router_bias)
         self.fc = nn.Parameter(torch.empty(num_experts, 2 * hidden, embed_dim))  # [gate; up] per expert

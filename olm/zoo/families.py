@@ -285,7 +285,8 @@ def _windowed(cfg: dict, hf: dict, types: list[str], per_layer: list[dict] | Non
                 override["attention"] = {**attention, "name": "sliding_window", "window": window}
     unknown = set(types) - {"sliding_attention", "full_attention"}
     if unknown:
-        raise ConfigError(f"layer_types={sorted(unknown)[0]!r} is not supported; known: full_attention, sliding_attention")
+        raise ConfigError(f"layer_types={sorted(unknown)[0]!r} is not supported; "
+                          "known: full_attention, sliding_attention")
     cfg["block_overrides"] = _cycle(per_layer)
     return _drop_none(cfg)
 
@@ -576,7 +577,8 @@ def _qk_norm_eps(f: dict, family: str, scope: str) -> None:
     """The families' QK-norms are RMSNorms with the model's eps."""
     norm = f["q_norm"]
     _require(norm is not None and type(norm).component_name == "rmsnorm" and norm.eps == f["eps"]
-             and f["attention"].qk_norm_scope == scope, family, f"needs rmsnorm qk_norm over {scope} with the model's eps")
+             and f["attention"].qk_norm_scope == scope, family,
+             f"needs rmsnorm qk_norm over {scope} with the model's eps")
 
 
 def _sliding_fields(f: dict, family: str) -> dict:
@@ -611,7 +613,8 @@ def _moe_fields(model, family: str, **allowed) -> tuple[object, list[int]]:
         if expected is not None:  # None: any value, written to the HF config
             _require(moe.config[key] == expected, family, f"moe {key}={moe.config[key]!r} (it supports {expected!r})")
     dense = [i for i, b in enumerate(model.blocks) if type(b.ffn).component_name != "moe"]
-    _require(all(type(model.blocks[i].ffn).component_name == "swiglu" for i in dense), family, "dense layers use swiglu")
+    _require(all(type(model.blocks[i].ffn).component_name == "swiglu" for i in dense), family,
+             "dense layers use swiglu")
     return moe, dense
 
 
@@ -669,7 +672,8 @@ def smollm3_to_hf(model) -> dict:
     sliding = _sliding_fields(f, "smollm3")
     return _llama_like_hf(model, "smollm3", f) | sliding | {
         "attention_bias": f["attn_bias"], "mlp_bias": model.blocks[0].ffn.fc.bias is not None,
-        "no_rope_layers": [int(not nope) for nope in f["nope_layers"]], "use_sliding_window": bool(sliding["sliding_window"]),
+        "no_rope_layers": [int(not nope) for nope in f["nope_layers"]],
+        "use_sliding_window": bool(sliding["sliding_window"]),
     }
 
 
@@ -784,16 +788,17 @@ def _interleaved_rotary(rows: int, rope_dim: int, period: int | None = None) -> 
     for start in range(0, rows, period):
         rope_start = start + period - rope_dim
         order += list(range(start, rope_start))
-        order += list(range(rope_start, rope_start + rope_dim, 2)) + list(range(rope_start + 1, rope_start + rope_dim, 2))
+        rope_rows = range(rope_start, rope_start + rope_dim)
+        order += list(rope_rows[0::2]) + list(rope_rows[1::2])
     return order
 
 
 def _mla_tensors(o: str, a: str, attn) -> list[TensorMap]:
     head = attn.nope_dim + attn.rope_dim
-    q_rows = attn.num_heads * head
-    maps = [TensorMap(f"{o}.q.weight", [f"{a}.q_proj.weight"], permute=_interleaved_rotary(q_rows, attn.rope_dim, head))]
+    q_order = _interleaved_rotary(attn.num_heads * head, attn.rope_dim, head)
+    maps = [TensorMap(f"{o}.q.weight", [f"{a}.q_proj.weight"], permute=q_order)]
     maps += _linear(f"{o}.q_a", [f"{a}.q_a_proj"]) + _norm(f"{o}.q_norm", f"{a}.q_a_layernorm")
-    maps.append(TensorMap(f"{o}.q_b.weight", [f"{a}.q_b_proj.weight"], permute=_interleaved_rotary(q_rows, attn.rope_dim, head)))
+    maps.append(TensorMap(f"{o}.q_b.weight", [f"{a}.q_b_proj.weight"], permute=q_order))
     kv_a_order = _interleaved_rotary(attn.kv_rank + attn.rope_dim, attn.rope_dim)
     maps += [TensorMap(f"{o}.kv_a.weight", [f"{a}.kv_a_proj_with_mqa.weight"], permute=kv_a_order),
              TensorMap(f"{o}.kv_a.bias", [f"{a}.kv_a_proj_with_mqa.bias"], permute=kv_a_order)]
@@ -809,28 +814,34 @@ def _moe_tensors(o: str, h: str, ffn, style: str) -> list[TensorMap]:
         m = f"{h}.mlp"
         interleaved = list(range(0, 2 * hidden, 2)) + list(range(1, 2 * hidden, 2))
         return [
-            TensorMap(f"{o}.router.weight", [f"{m}.router.weight"]), TensorMap(f"{o}.router.bias", [f"{m}.router.bias"]),
+            TensorMap(f"{o}.router.weight", [f"{m}.router.weight"]),
+            TensorMap(f"{o}.router.bias", [f"{m}.router.bias"]),
             TensorMap(f"{o}.fc", [f"{m}.experts.gate_up_proj"], transpose=True, permute=interleaved, permute_dim=1),
             TensorMap(f"{o}.fc_bias", [f"{m}.experts.gate_up_proj_bias"], permute=interleaved, permute_dim=1),
             TensorMap(f"{o}.proj", [f"{m}.experts.down_proj"], transpose=True),
             TensorMap(f"{o}.proj_bias", [f"{m}.experts.down_proj_bias"]),
         ]
-    m, names = (f"{h}.block_sparse_moe", ("w1", "w3", "w2")) if style == "mixtral" else (f"{h}.mlp", ("gate_proj", "up_proj", "down_proj"))
-    gate, up, down = names
+    if style == "mixtral":
+        m, (gate, up, down) = f"{h}.block_sparse_moe", ("w1", "w3", "w2")
+    else:
+        m, (gate, up, down) = f"{h}.mlp", ("gate_proj", "up_proj", "down_proj")
     maps = [
         TensorMap(f"{o}.router.weight", [f"{m}.gate.weight"]),
         TensorMap(f"{o}.expert_bias", [f"{m}.gate.e_score_correction_bias"]),
-        TensorMap(f"{o}.fc", [f"{m}.experts.{e}.{w}.weight" for e in range(E) for w in (gate, up)], [hidden, hidden], experts=E),
+        TensorMap(f"{o}.fc", [f"{m}.experts.{e}.{w}.weight" for e in range(E) for w in (gate, up)], [hidden, hidden],
+                  experts=E),
         TensorMap(f"{o}.proj", [f"{m}.experts.{e}.{down}.weight" for e in range(E)], experts=E),
     ]
     if ffn.shared is not None:
         shared = ffn.shared.hidden
-        maps += [TensorMap(f"{o}.shared.fc.weight", [f"{m}.shared_experts.gate_proj.weight", f"{m}.shared_experts.up_proj.weight"], [shared, shared]),
-                 TensorMap(f"{o}.shared.proj.weight", [f"{m}.shared_experts.down_proj.weight"])]
+        s = f"{m}.shared_experts"
+        maps += [TensorMap(f"{o}.shared.fc.weight", [f"{s}.gate_proj.weight", f"{s}.up_proj.weight"], [shared, shared]),
+                 TensorMap(f"{o}.shared.proj.weight", [f"{s}.down_proj.weight"])]
     return maps
 
 
-def llama_tensors(model, norms: str = "pre", offset: float = 0.0, fused: bool = False, moe: str = "mixtral") -> list[TensorMap]:
+def llama_tensors(model, norms: str = "pre", offset: float = 0.0, fused: bool = False,
+                  moe: str = "mixtral") -> list[TensorMap]:
     """Llama layout (also Mistral, Qwen2/3, OLMo, SmolLM3, the MoE families; Phi-3 with fused qkv/gate_up).
 
     ``norms``: "pre" (input_layernorm, post_attention_layernorm before the FFN), "sandwich" (Gemma 2/3: plus
@@ -850,7 +861,8 @@ def llama_tensors(model, norms: str = "pre", offset: float = 0.0, fused: bool = 
             maps += _norm(f"{o}.1.q_norm", f"{a}.q_norm", offset) + _norm(f"{o}.1.k_norm", f"{a}.k_norm", offset)
             maps.append(TensorMap(f"{o}.1.sinks", [f"{a}.sinks"]))
         if norms == "post":
-            maps += _norm(f"{o}.4", f"{h}.post_attention_layernorm") + _norm(f"{o}.5", f"{h}.post_feedforward_layernorm")
+            maps += _norm(f"{o}.4", f"{h}.post_attention_layernorm")
+            maps += _norm(f"{o}.5", f"{h}.post_feedforward_layernorm")
         else:
             maps += _norm(f"{o}.0", f"{h}.input_layernorm", offset)
         if norms == "sandwich":
