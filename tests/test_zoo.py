@@ -230,6 +230,21 @@ def test_cli_models_and_convert(tmp_path, capsys):
     assert "config.json does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_cli_converts_the_2025_families_both_ways(family, tmp_path):
+    transformers = pytest.importorskip("transformers", reason=HF_REASON)
+    model = _random_lm(f"{family}_tiny")
+    model.save(tmp_path / "olm")
+    assert cli_main(["convert", "--to-hf", str(tmp_path / "olm"), "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
+    assert cli_main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    x = torch.randint(0, 100, (1, 12))
+    torch.testing.assert_close(LM.load(tmp_path / "back")(x), model(x))
+    with torch.no_grad():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        assert (hf(x).logits - model(x)).abs().max() < 1e-4
+
+
 def test_imported_model_shares_rope_tables_and_moves(tmp_path):
     """from_hf builds on the meta device: the RoPE tables come back computed once, shared, and follow .to()."""
     model = from_hf(tiny_hf("llama"))
