@@ -348,3 +348,16 @@ def test_yarn_cannot_be_exported_as_phi3(tmp_path):
     cfg["position"] = {**cfg["position"], "scaling": {"type": "yarn", "factor": 4.0, "original_max_seq_len": 8}}
     with pytest.raises(ConfigError, match=r"^cannot export to phi3: yarn rope scaling \(transformers' Phi-3 reads longrope only\)$"):
         to_hf(olm.build_model(cfg), tmp_path)
+
+
+def test_gemma3_reads_the_older_rope_fields():
+    """Hub files of Gemma 3 give rope_theta / rope_scaling for the global layers and rope_local_base_freq for the
+    local ones (transformers 5 writes rope_parameters per layer type); both read alike."""
+    hf = {k: v for k, v in PRESETS["gemma3_tiny"].hf.items() if k != "rope_parameters"}
+    old = FAMILIES["gemma3"].to_olm({**hf, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                                     "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    new = FAMILIES["gemma3"].to_olm({**hf, "rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}})
+    assert old == new and old["position"]["scaling"] == {"type": "linear", "factor": 8.0}
+    assert [o.get("position") for o in old["block_overrides"]] == [{"name": "rope", "base": 1e4}] * 2 + [None]

@@ -329,8 +329,9 @@ def gemma3_to_olm(hf: dict) -> dict:
     params = hf.get("rope_parameters") or {}
     if "full_attention" in params:
         full, local = params["full_attention"], params.get("sliding_attention", params["full_attention"])
-    else:  # older files: rope_theta for the global layers, rope_local_base_freq for the local ones
-        full = params or {"rope_type": "default", "rope_theta": hf.get("rope_theta", 1_000_000.0)}
+    else:  # older files: rope_theta (and rope_scaling) for the global layers, rope_local_base_freq for the local ones
+        full = {**(params or hf.get("rope_scaling") or {"rope_type": "default"}),
+                "rope_theta": params.get("rope_theta", hf.get("rope_theta", 1_000_000.0))}
         local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
     cfg = gemma2_to_olm({**hf, "layer_types": ["full_attention"] * len(types), "rope_parameters": full,
                          "final_logit_softcapping": hf.get("final_logit_softcapping"),
