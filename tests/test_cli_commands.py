@@ -81,7 +81,7 @@ def test_components_list_only_parameters_a_config_may_set(monkeypatch, capsys):
     mha = entry_text(out, "mha")
     signature = mha[mha.index("(") + 1 : mha.index(")")]
     names = [re.match(r"\w+", part).group() for part in signature.split(", ")]
-    assert names == ["bias", "out_bias", "head_dim", "qk_norm", "softcap", "scale"]
+    assert names == ["bias", "out_bias", "head_dim", "qk_norm", "softcap", "scale", "qk_norm_scope", "sinks"]
     assert "out_bias: bool | None = None" in mha and "Multi-head self-attention" in mha
     assert "num_kv_heads: int = 1" in entry_text(out, "gqa")
     # what is listed a config accepts; what is left out it rejects

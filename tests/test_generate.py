@@ -12,6 +12,11 @@ from conftest import TINY
 @pytest.mark.parametrize("overrides", [
     {}, {"attention": {"name": "gqa", "num_kv_heads": 2}}, {"position": "learned"}, {"position": "alibi"},
     {"attention": {"name": "sliding_window", "window": 5}}, {"attention": {"name": "mha", "softcap": 20.0}},
+    {"attention": {"name": "sliding_window", "window": 5, "sinks": True}},
+    {"attention": {"name": "mha", "softcap": 20.0, "sinks": True}},
+    {"attention": {"name": "gqa", "num_kv_heads": 2, "qk_norm": "rmsnorm", "qk_norm_scope": "all"}},
+    {"block_overrides": [{}, {"position": "none"}]},
+    {"attention": {"name": "mla", "kv_rank": 8, "rope_dim": 4, "nope_dim": 6, "v_dim": 5, "q_rank": 12}},
 ])
 def test_incremental_logits_equal_full_forward(overrides):
     torch.manual_seed(0)

@@ -75,7 +75,7 @@ def test_sliding_window_limits_context():
 
 
 @pytest.mark.parametrize("bad,message", [
-    ({"attention": "gqa2"}, "model.attention='gqa2' is not a registered attention; did you mean 'gqa'? known: gqa, mha, mqa, sliding_window"),
+    ({"attention": "gqa2"}, "model.attention='gqa2' is not a registered attention; did you mean 'gqa'? known: gqa, mha, mla, mqa, sliding_window"),
     ({"attention": {"name": "gqa", "num_kv_head": 2}}, "model.attention.num_kv_head is not a parameter of attention 'gqa'; did you mean 'num_kv_heads'?"),
     ({"nrom": "rmsnorm"}, "model.nrom is not a parameter of model 'lm'; did you mean 'norm'?"),
     ({"norm": "rmsnrom"}, "model.norm='rmsnrom' is not a registered norm; did you mean 'rmsnorm'?"),

@@ -541,7 +541,7 @@ def data_files(tmp_path_factory):
 
 BAD_COMMAND_LINES = {
     "unknown preset": (["model=lm_tinyy"], "model=lm_tinyy is not a known option of 'model'; did you mean 'lm_tiny'? known: "),
-    "unknown component": (["model/attention=gqa2"], "model/attention=gqa2 is not a known option of 'model/attention'; did you mean 'gqa'? known: gqa, mha, mqa, sliding_window"),
+    "unknown component": (["model/attention=gqa2"], "model/attention=gqa2 is not a known option of 'model/attention'; did you mean 'gqa'? known: gqa, mha, mla, mqa, sliding_window"),
     "unknown key": (["trainer.max_stepz=5"], "trainer.max_stepz is not a config key; did you mean 'max_steps'? known keys of 'trainer': "),
     "unknown component key": (["model.attention.num_kv_head=2"], "model.attention.num_kv_head is not a config key; known keys of 'model.attention': bias, head_dim, name, "),
     "wrong type": (["model.num_heads=two"], "model.num_heads='two': Value 'two' of type 'str' could not be converted to Integer"),

@@ -19,17 +19,29 @@ from test_config import compose_train
 HF_REASON = "transformers is not installed: parity tests need the [hf] extra (pip install -e '.[hf]')"
 CONFIG_CLASSES = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                   "gemma2": "Gemma2Config", "phi3": "Phi3Config", "olmo": "OlmoConfig", "opt": "OPTConfig",
-                  "mixtral": "MixtralConfig", "stablelm": "StableLmConfig"}
+                  "mixtral": "MixtralConfig", "stablelm": "StableLmConfig", "qwen3": "Qwen3Config",
+                  "qwen3_moe": "Qwen3MoeConfig", "gemma3": "Gemma3TextConfig", "olmo2": "Olmo2Config",
+                  "smollm3": "SmolLM3Config", "gpt_oss": "GptOssConfig", "deepseek_v3": "DeepseekV3Config"}
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "opt": dict(dropout=0.0)}
 
 
+NEW_FAMILIES = ["qwen3", "qwen3_moe", "gemma3", "olmo2", "smollm3", "gpt_oss", "deepseek_v3"]
+
+
 def tiny_hf(family: str, **overrides):
-    """A random tiny transformers model of ``family`` from its ``<family>_tiny`` preset (no network)."""
+    """A random tiny transformers model of ``family`` from its ``<family>_tiny`` preset (no network). Norm weights,
+    biases, attention sinks and routing biases start at constants in transformers; they get random offsets here so
+    that a wrong mapping of any of them shows in the logits."""
     transformers = pytest.importorskip("transformers", reason=HF_REASON)
     hf = {**PRESETS[f"{family}_tiny"].hf, **NO_DROPOUT.get(family, {}), **overrides}
     config = getattr(transformers, CONFIG_CLASSES[family])(**hf, pad_token_id=None, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.dtype.is_floating_point and any(k in name for k in ("norm", "bias", "sinks")):
+                tensor.add_(torch.randn_like(tensor) * 0.1)
+    return model
 
 
 def lm_loss(logits, x):
@@ -67,6 +79,20 @@ def test_export_loads_in_transformers_with_equal_logits(family, batch, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [FAMILIES[family].architecture]
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert (back(batch).logits - model(batch)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_greedy_generation_with_the_kv_cache_equals_transformers(family):
+    """32 greedy tokens with olm's KV cache (latent cache for MLA, sliding windows shorter than the sequence) are
+    transformers' own generate()."""
+    from olm.generate import generate
+
+    hf = tiny_hf(family)
+    model = from_hf(hf).eval()
+    prompt = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(4))
+    hf.generation_config.eos_token_id = None
+    expected = hf.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert torch.equal(generate(model, prompt, 32, temperature=0), expected)
 
 
 def _random_lm(preset: str) -> LM:
@@ -202,6 +228,21 @@ def test_cli_models_and_convert(tmp_path, capsys):
     torch.testing.assert_close(LM.load(tmp_path / "back")(x), model(x))
     assert cli_main(["convert", "--from-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "config.json does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_cli_converts_the_2025_families_both_ways(family, tmp_path):
+    transformers = pytest.importorskip("transformers", reason=HF_REASON)
+    model = _random_lm(f"{family}_tiny")
+    model.save(tmp_path / "olm")
+    assert cli_main(["convert", "--to-hf", str(tmp_path / "olm"), "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
+    assert cli_main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    x = torch.randint(0, 100, (1, 12))
+    torch.testing.assert_close(LM.load(tmp_path / "back")(x), model(x))
+    with torch.no_grad():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        assert (hf(x).logits - model(x)).abs().max() < 1e-4
 
 
 def test_imported_model_shares_rope_tables_and_moves(tmp_path):
@@ -370,3 +411,16 @@ def test_convert_takes_a_run_dir_and_keeps_the_tokenizer_both_ways(tmp_path, cap
     assert capsys.readouterr().err.startswith(f"error: --tokenizer {str(tmp_path / 'nowhere')!r} does not exist")
     assert cli_main(["convert", "--to-hf", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.startswith(f"error: --to-hf {str(tmp_path / 'empty')!r} does not exist")
+
+
+def test_gemma3_reads_the_older_rope_fields():
+    """Hub files of Gemma 3 give rope_theta / rope_scaling for the global layers and rope_local_base_freq for the
+    local ones (transformers 5 writes rope_parameters per layer type); both read alike."""
+    hf = {k: v for k, v in PRESETS["gemma3_tiny"].hf.items() if k != "rope_parameters"}
+    old = FAMILIES["gemma3"].to_olm({**hf, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                                     "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    new = FAMILIES["gemma3"].to_olm({**hf, "rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}})
+    assert old == new and old["position"]["scaling"] == {"type": "linear", "factor": 8.0}
+    assert [o.get("position") for o in old["block_overrides"]] == [{"name": "rope", "base": 1e4}] * 2 + [None]

@@ -26,9 +26,11 @@ class TensorMap:
     """One olm parameter and the HF tensors it is made of.
 
     Several HF tensors are concatenated along rows (``split`` gives their row counts for export); with ``experts``
-    the HF list runs expert by expert and the olm tensor stacks the experts on a new first dim. ``transpose`` is for
-    GPT-2's Conv1D (stored as (in, out)); ``offset`` for Gemma's norms (stored as w - 1); ``vocab`` marks tables
-    whose rows may be padded in olm beyond the real vocabulary (cut on export).
+    the HF list runs expert by expert and the olm tensor stacks the experts on a new first dim. ``transpose`` swaps
+    the last two dims (GPT-2's Conv1D and GPT-OSS's experts are stored as (in, out)); ``offset`` is for Gemma's norms
+    (stored as w - 1); ``permute`` reorders dim ``permute_dim`` of the olm tensor (``olm = hf[permute]``: GPT-OSS's
+    interleaved gate/up columns, DeepSeek's interleaved rotary pairs); ``vocab`` marks tables whose rows may be
+    padded in olm beyond the real vocabulary (cut on export).
     """
 
     olm: str
@@ -38,25 +40,31 @@ class TensorMap:
     transpose: bool = False
     offset: float = 0.0
     vocab: bool = False
+    permute: list[int] | None = None
+    permute_dim: int = 0
 
     def to_olm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if self.transpose:
-            tensors = [t.t() for t in tensors]
+            tensors = [t.transpose(-2, -1) for t in tensors]
         if self.experts:
             per = len(tensors) // self.experts
             out = torch.stack([torch.cat(tensors[e * per : (e + 1) * per]) for e in range(self.experts)])
         else:
             out = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        if self.permute is not None:
+            out = out.index_select(self.permute_dim, torch.tensor(self.permute))
         return out + self.offset if self.offset else out
 
     def to_hf(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         if self.offset:
             tensor = tensor - self.offset
+        if self.permute is not None:
+            tensor = tensor.index_select(self.permute_dim, torch.argsort(torch.tensor(self.permute)))
         if self.experts:
             parts = [p for expert in tensor for p in (expert.split(self.split) if self.split else [expert])]
         else:
             parts = list(tensor.split(self.split)) if self.split else [tensor]
-        return [p.t() if self.transpose else p for p in parts]
+        return [p.transpose(-2, -1) if self.transpose else p for p in parts]
 
 
 @dataclass
@@ -138,25 +146,6 @@ def _attention(hf: dict, window: int | None = None, **extra) -> dict:
     return {**spec, **extra}
 
 
-def _layer_windows(hf: dict, default_window: int | None) -> tuple[int | None, list | None]:
-    """(window of every layer, or None and per-layer block_overrides) from ``layer_types``, shortest repeating cycle."""
-    types = hf.get("layer_types")
-    window = hf.get("sliding_window")
-    if not types or not window or len(set(types)) == 1:
-        return (window if types and types[0] == "sliding_attention" else default_window), None
-    for period in range(1, len(types) + 1):
-        if all(t == types[i % period] for i, t in enumerate(types)):
-            break
-    return None, [{"window": window} if t == "sliding_attention" else {} for t in types[:period]]
-
-
-def _overrides(attention: dict, windows: list | None) -> list | None:
-    if windows is None:
-        return None
-    plain = {k: v for k, v in attention.items() if k not in ("name", "window")}
-    return [{"attention": {"name": "sliding_window", **plain, **w}} if w else {} for w in windows]
-
-
 def _base(hf: dict, **extra) -> dict:
     max_seq_len = hf["max_position_embeddings"]
     scaling = (extra.get("position") or {}).get("scaling") or {}
@@ -190,13 +179,8 @@ def mistral_to_olm(hf: dict) -> dict:
 
 def qwen2_to_olm(hf: dict) -> dict:
     hf = {**hf, "sliding_window": hf.get("sliding_window") if hf.get("use_sliding_window") else None}
-    if hf["sliding_window"] and not hf.get("layer_types"):
-        hf["layer_types"] = ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
-                             for i in range(hf["num_hidden_layers"])]
-    window, windows = _layer_windows(hf, None)
-    cfg = llama_to_olm(hf, window=window, attention_extra={"bias": True, "out_bias": False})
-    cfg["block_overrides"] = _overrides(cfg["attention"], windows)
-    return _drop_none(cfg)
+    cfg = llama_to_olm(hf, attention_extra={"bias": True, "out_bias": False})
+    return _windowed(cfg, hf, _layer_types(hf))
 
 
 def phi3_to_olm(hf: dict) -> dict:
@@ -236,24 +220,21 @@ def stablelm_to_olm(hf: dict) -> dict:
 
 def gemma2_to_olm(hf: dict) -> dict:
     hf = {**hf, "sliding_window": hf.get("sliding_window", 4096)}
-    if not hf.get("layer_types"):
-        hf["layer_types"] = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(hf["num_hidden_layers"])]
-    window, windows = _layer_windows(hf, None)
     extra = {"scale": hf.get("query_pre_attn_scalar", 256) ** -0.5}
     if hf.get("attn_logit_softcapping") is not None:
         extra["softcap"] = float(hf["attn_logit_softcapping"])
     if hf.get("attention_bias"):
         extra["bias"] = True
-    attention = _attention(hf, window, **extra)
+    attention = _attention(hf, **extra)
     cfg = _base(
         hf, attention=attention, norm={"name": "rmsnorm", "eps": hf.get("rms_norm_eps", 1e-6)},
         ffn={"name": "geglu", "hidden_dim": hf["intermediate_size"]}, position=_rope(hf), post_norms=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)), embed_scale=math.sqrt(hf["hidden_size"]),
-        logit_softcap=hf.get("final_logit_softcapping", 30.0), block_overrides=_overrides(attention, windows),
+        logit_softcap=hf.get("final_logit_softcapping", 30.0),
     )
     if _activation(hf, "hidden_activation", "gelu_pytorch_tanh") != "gelu_tanh":
         raise ConfigError(f"hidden_activation={hf['hidden_activation']!r} is not supported; known: gelu_pytorch_tanh")
-    return _drop_none(cfg)
+    return _windowed(cfg, hf, _layer_types(hf, 2))
 
 
 def gpt2_to_olm(hf: dict) -> dict:
@@ -286,6 +267,167 @@ def opt_to_olm(hf: dict) -> dict:
     )
 
 
+def _cycle(per_layer: list[dict]) -> list | None:
+    """Per-layer block overrides as their shortest repeating cycle (LM applies them cyclically); None if all empty."""
+    if not any(per_layer):
+        return None
+    for period in range(1, len(per_layer) + 1):
+        if all(o == per_layer[i % period] for i, o in enumerate(per_layer)):
+            return per_layer[:period]
+
+
+def _layer_types(hf: dict, pattern: int | None = None) -> list[str]:
+    """``layer_types``, or from Qwen's use_sliding_window/max_window_layers, or every ``pattern``-th layer global."""
+    if hf.get("layer_types"):
+        return list(hf["layer_types"])
+    n = hf["num_hidden_layers"]
+    if pattern:
+        return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    if hf.get("use_sliding_window") and hf.get("sliding_window"):
+        return ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention" for i in range(n)]
+    return ["full_attention"] * n
+
+
+def _windowed(cfg: dict, hf: dict, types: list[str], per_layer: list[dict] | None = None) -> dict:
+    """Put sliding layers (and any other per-layer settings) into ``block_overrides``."""
+    per_layer = per_layer or [{} for _ in types]
+    window = hf.get("sliding_window")
+    attention = {k: v for k, v in cfg["attention"].items() if k not in ("name", "window")}
+    if window and set(types) == {"sliding_attention"}:
+        cfg["attention"] = {**attention, "name": "sliding_window", "window": window}
+    elif window:
+        for t, override in zip(types, per_layer):
+            if t == "sliding_attention":
+                override["attention"] = {**attention, "name": "sliding_window", "window": window}
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ConfigError(f"layer_types={sorted(unknown)[0]!r} is not supported; "
+                          "known: full_attention, sliding_attention")
+    cfg["block_overrides"] = _cycle(per_layer)
+    return _drop_none(cfg)
+
+
+def _rms(hf: dict, eps_default: float = 1e-6) -> dict:
+    return {"name": "rmsnorm", "eps": hf.get("rms_norm_eps", eps_default)}
+
+
+def qwen3_to_olm(hf: dict) -> dict:
+    """Qwen3: Llama with per-head RMS QK-norm, an explicit head_dim, no q/k/v bias (attention_bias=false)."""
+    cfg = llama_to_olm(hf, attention_extra={"qk_norm": _rms(hf)})
+    return _windowed(cfg, hf, _layer_types(hf))
+
+
+def _moe_layers(hf: dict, cfg: dict, moe: dict, dense_layers: list[int]) -> list[dict]:
+    """The moe spec for every layer, the dense SwiGLU in ``dense_layers``."""
+    cfg["ffn"] = moe
+    dense = {"name": "swiglu", "hidden_dim": hf["intermediate_size"]}
+    return [{"ffn": dense} if i in dense_layers else {} for i in range(hf["num_hidden_layers"])]
+
+
+def qwen3_moe_to_olm(hf: dict) -> dict:
+    """Qwen3-MoE: Qwen3 attention, many small softmax-routed experts (top-k renormalised when norm_topk_prob)."""
+    cfg = llama_to_olm(hf, attention_extra={"qk_norm": _rms(hf)})
+    moe = {"name": "moe", "hidden_dim": hf["moe_intermediate_size"],
+           "num_experts": hf.get("num_experts") or hf["num_local_experts"],
+           "top_k": hf["num_experts_per_tok"], "normalize_top_k": bool(hf.get("norm_topk_prob", False)),
+           "aux_loss_coef": hf.get("router_aux_loss_coef", 0.001)}
+    n, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1)
+    dense = [i for i in range(n) if i in (hf.get("mlp_only_layers") or []) or (i + 1) % step]
+    return _windowed(cfg, hf, _layer_types(hf), _moe_layers(hf, cfg, moe, dense))
+
+
+def gemma3_to_olm(hf: dict) -> dict:
+    """Gemma 3 (text): Gemma 2's sandwich norms and scaled embeddings, QK-norm instead of soft-capping, 5 local
+    layers per global one, each kind with its own RoPE base (``rope_parameters`` per layer type)."""
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError("use_bidirectional_attention=true is not supported (olm's Gemma 3 is causal)")
+    types = _layer_types(hf, hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6)
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params:
+        full, local = params["full_attention"], params.get("sliding_attention", params["full_attention"])
+    else:  # older files: rope_theta (and rope_scaling) for the global layers, rope_local_base_freq for the local ones
+        full = {**(params or hf.get("rope_scaling") or {"rope_type": "default"}),
+                "rope_theta": params.get("rope_theta", hf.get("rope_theta", 1_000_000.0))}
+        local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
+    cfg = gemma2_to_olm({**hf, "layer_types": ["full_attention"] * len(types), "rope_parameters": full,
+                         "final_logit_softcapping": hf.get("final_logit_softcapping"),
+                         "query_pre_attn_scalar": hf.get("query_pre_attn_scalar", 256)})
+    cfg["attention"]["qk_norm"] = _rms(hf)
+    local_rope = _rope({**hf, "rope_parameters": local})
+    per_layer = [{"position": local_rope} if t == "sliding_attention" and local_rope != cfg["position"] else {}
+                 for t in types]
+    return _windowed(cfg, hf, types, per_layer)
+
+
+def olmo2_to_olm(hf: dict) -> dict:
+    """OLMo 2: RMSNorm after the attention and feed-forward outputs only, QK-norm over the whole projections."""
+    if hf.get("clip_qkv") is not None:
+        raise ConfigError(f"clip_qkv={hf['clip_qkv']} is not supported (OLMo checkpoints with clipped q/k/v)")
+    cfg = llama_to_olm(hf, attention_extra={"qk_norm": _rms(hf, 1e-5), "qk_norm_scope": "all"})
+    return {**cfg, "norm": _rms(hf, 1e-5), "pre_norms": False, "post_norms": True}
+
+
+def smollm3_to_olm(hf: dict) -> dict:
+    """SmolLM3: Llama with RoPE left out of the layers marked 0 in ``no_rope_layers`` (every 4th: NoPE layers)."""
+    n = hf["num_hidden_layers"]
+    interval = hf.get("no_rope_layer_interval", 4)
+    uses_rope = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)]
+    cfg = llama_to_olm(hf)
+    return _windowed(cfg, hf, _layer_types(hf), [{} if rope else {"position": "none"} for rope in uses_rope])
+
+
+def gpt_oss_to_olm(hf: dict) -> dict:
+    """GPT-OSS: attention sinks, biases on q/k/v/o, alternating sliding and full layers, YaRN, and a softmax-routed
+    MoE of clamped-SwiGLU experts with biases (the router has a bias too)."""
+    cfg = llama_to_olm({**hf, "attention_bias": True}, attention_extra={"sinks": True})
+    cfg["ffn"] = {"name": "moe", "hidden_dim": hf["intermediate_size"], "num_experts": hf["num_local_experts"],
+                  "top_k": hf["num_experts_per_tok"], "aux_loss_coef": hf.get("router_aux_loss_coef", 0.001),
+                  "router_bias": True, "bias": True, "activation": "clamped_swiglu",
+                  "limit": float(hf.get("swiglu_limit", 7.0)), "alpha": float(hf.get("swiglu_alpha", 1.702))}
+    return _windowed(cfg, hf, _layer_types(hf, 2))
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _mla_scale(hf: dict) -> float:
+    """DeepSeek's softmax scale: (nope + rope)^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN."""
+    scale = (hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"]) ** -0.5
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if params.get("rope_type", params.get("type", "default")) != "default" and params.get("mscale_all_dim"):
+        scale *= _yarn_mscale(float(params["factor"]), float(params["mscale_all_dim"])) ** 2
+    return scale
+
+
+def deepseek_v3_to_olm(hf: dict) -> dict:
+    """DeepSeek-V3: multi-head latent attention and a sigmoid-routed MoE with shared experts, group-limited
+    routing and a load-balancing bias; the first ``first_k_dense_replace`` layers are dense."""
+    if hf.get("num_key_value_heads") not in (None, hf["num_attention_heads"]):
+        raise ConfigError(f"num_key_value_heads={hf['num_key_value_heads']} is not supported: multi-head latent "
+                          f"attention has num_attention_heads={hf['num_attention_heads']} key/value heads")
+    if hf.get("rope_interleave", True) is False:
+        raise ConfigError("rope_interleave=false is not supported (olm reads DeepSeek's interleaved rotary layout)")
+    rope_hf = {**hf, "head_dim": hf["qk_rope_head_dim"]}
+    attention = {"name": "mla", "kv_rank": hf["kv_lora_rank"], "q_rank": hf.get("q_lora_rank"),
+                 "rope_dim": hf["qk_rope_head_dim"], "nope_dim": hf["qk_nope_head_dim"], "v_dim": hf["v_head_dim"],
+                 "latent_norm": {"name": "rmsnorm", "eps": 1e-6}, "scale": _mla_scale(hf)}
+    if hf.get("attention_bias"):
+        attention["bias"] = True
+    cfg = _base(hf, attention=attention, norm=_rms(hf), position=_rope(rope_hf),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    if _activation(hf, "hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act={hf['hidden_act']!r} is not supported for deepseek_v3; known: silu")
+    moe = {"name": "moe", "hidden_dim": hf["moe_intermediate_size"], "num_experts": hf["n_routed_experts"],
+           "top_k": hf["num_experts_per_tok"], "routing": "sigmoid", "num_groups": hf.get("n_group") or 1,
+           "top_groups": hf.get("topk_group") or 1, "normalize_top_k": bool(hf.get("norm_topk_prob", True)),
+           "routed_scale": float(hf.get("routed_scaling_factor", 1.0)), "balance_bias": True,
+           "shared_experts": hf.get("n_shared_experts") or 0, "aux_loss_coef": 0.0}
+    per_layer = _moe_layers(hf, cfg, moe, list(range(hf.get("first_k_dense_replace") or 0)))
+    cfg["block_overrides"] = _cycle(per_layer)
+    return _drop_none(cfg)
+
+
 def _drop_none(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if v is not None}
 
@@ -297,18 +439,25 @@ def _drop_none(cfg: dict) -> dict:
 def _facts(model) -> dict:
     """What the HF configs need, read from the built modules (so any way of writing the olm config works)."""
     first = model.blocks[0]
-    attn, ffn, norm = first.attention, first.ffn, first.layers[0]
-    position = attn.position if attn.position is not None else model.embedding.position
+    attn, ffn, norm = first.attention, first.ffn, first.layers[0 if first.pre_norms else 4]
+    positioned = [b.attention.position for b in model.blocks if b.attention.position is not None]
+    position = positioned[0] if positioned else model.embedding.position
+    ffn = next((b.ffn for b in model.blocks if type(b.ffn).component_name == "moe"), ffn)  # DeepSeek: dense first
     ffn_kind = type(ffn).component_name
     hidden = getattr(ffn, "hidden", None) or ffn.fc.out_features
+    qkv = getattr(attn, "qkv", None) or attn.kv_a  # mla has no fused qkv
     return dict(
         vocab_size=model.vocab_size, hidden_size=model.embedding.token.weight.shape[1], num_hidden_layers=len(model.blocks),
         num_attention_heads=attn.num_heads, num_key_value_heads=attn.num_kv_heads, head_dim=attn.head_dim,
         max_position_embeddings=model.max_seq_len, intermediate_size=hidden,
         tie_word_embeddings=model.head.linear.weight is model.embedding.token.weight,
         norm=type(norm).component_name, eps=norm.eps, ffn=ffn_kind, position=position,
-        windows=[b.attention.window for b in model.blocks], attn_bias=attn.qkv.bias is not None,
+        windows=[b.attention.window for b in model.blocks], attn_bias=qkv.bias is not None,
         out_bias=attn.proj.bias is not None, post_norms=first.post_norms, attention=attn, dropout=attn.dropout,
+        pre_norms=first.pre_norms, kind=type(attn).component_name, sinks=getattr(attn, "sinks", None) is not None,
+        q_norm=getattr(attn, "q_norm", None) if type(attn).component_name != "mla" else None,
+        # NoPE layers: without rotary positions among layers with them (not a model without any, like GPT-2)
+        nope_layers=[bool(positioned) and b.attention.position is None for b in model.blocks],
     )
 
 
@@ -346,7 +495,11 @@ def _llama_like_hf(model, family: str, f: dict | None = None) -> dict:
     _require(f["norm"] == "rmsnorm" and f["ffn"] in ("swiglu", "moe"), family, "needs rmsnorm and swiglu")
     _require(not f["post_norms"] and model.head.softcap is None and model.embedding.scale is None, family,
              "sandwich norms, logit soft-capping and embedding scale need gemma2")
-    _require(f["attention"].softcap is None and f["attention"].q_norm is None, family, "attention soft-capping/qk_norm")
+    _require(f["kind"] != "mla" and not f["sinks"] and f["pre_norms"], family,
+             "latent attention, attention sinks and post-only norms need deepseek_v3, gpt_oss and olmo2")
+    _require(f["attention"].softcap is None, family, "attention soft-capping needs gemma2")
+    _require(f["q_norm"] is None or family in ("qwen3", "qwen3_moe"), family, "qk_norm needs qwen3, gemma3 or olmo2")
+    _require(not any(f["nope_layers"]) or family == "smollm3", family, "layers without rope need smollm3")
     return {
         k: f[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                           "head_dim", "max_position_embeddings", "intermediate_size", "tie_word_embeddings")
@@ -432,6 +585,7 @@ def stablelm_to_hf(model) -> dict:
 
 def gemma2_to_hf(model) -> dict:
     f = _facts(model)
+    _none_of_the_2025_blocks(f, "gemma2")
     attn = f["attention"]
     _require(f["post_norms"] and f["norm"] == "rmsnorm" and f["ffn"] == "geglu", "gemma2", "needs sandwich rmsnorm, geglu")
     windows = [w for w in f["windows"] if w]
@@ -448,8 +602,162 @@ def gemma2_to_hf(model) -> dict:
     }
 
 
+def _none_of_the_2025_blocks(f: dict, family: str) -> None:
+    _require(f["kind"] != "mla" and not f["sinks"] and f["pre_norms"] and f["q_norm"] is None
+             and not any(f["nope_layers"]), family,
+             "latent attention, sinks, post-only norms, qk_norm and NoPE layers need a 2025 family")
+
+
+def _qk_norm_eps(f: dict, family: str, scope: str) -> None:
+    """The families' QK-norms are RMSNorms with the model's eps."""
+    norm = f["q_norm"]
+    _require(norm is not None and type(norm).component_name == "rmsnorm" and norm.eps == f["eps"]
+             and f["attention"].qk_norm_scope == scope, family,
+             f"needs rmsnorm qk_norm over {scope} with the model's eps")
+
+
+def _sliding_fields(f: dict, family: str) -> dict:
+    windows = [w for w in f["windows"] if w]
+    _require(len(set(windows)) <= 1, family, "one sliding window size")
+    return {"sliding_window": windows[0] if windows else None,
+            "layer_types": ["sliding_attention" if w else "full_attention" for w in f["windows"]]}
+
+
+def qwen3_to_hf(model) -> dict:
+    f = _facts(model)
+    _qk_norm_eps(f, "qwen3", "head")
+    _require(f["attn_bias"] == f["out_bias"], "qwen3", "q/k/v bias without output bias needs qwen2")
+    sliding = _sliding_fields(f, "qwen3")
+    return _llama_like_hf(model, "qwen3", f) | sliding | {
+        "attention_bias": f["attn_bias"], "use_sliding_window": sliding["sliding_window"] is not None,
+        "max_window_layers": f["num_hidden_layers"],
+    }
+
+
+def _moe_fields(model, family: str, **allowed) -> tuple[object, list[int]]:
+    """The MoE of the model and the indices of its dense (SwiGLU) layers; refuses settings the family lacks."""
+    moes = [b.ffn for b in model.blocks if type(b.ffn).component_name == "moe"]
+    _require(bool(moes), family, "needs the moe ffn")
+    configs = {repr(sorted((k, v) for k, v in m.config.items() if k != "dropout")) for m in moes}
+    _require(len(configs) == 1, family, "one moe configuration for all its layers")
+    moe = moes[0]
+    defaults = dict(routing="softmax", router_bias=False, num_groups=1, top_groups=1, routed_scale=1.0,
+                    balance_bias=False, shared_experts=0, activation="swiglu", bias=False)
+    for key, default in defaults.items():
+        expected = allowed.get(key, default)
+        if expected is not None:  # None: any value, written to the HF config
+            _require(moe.config[key] == expected, family, f"moe {key}={moe.config[key]!r} (it supports {expected!r})")
+    dense = [i for i, b in enumerate(model.blocks) if type(b.ffn).component_name != "moe"]
+    _require(all(type(model.blocks[i].ffn).component_name == "swiglu" for i in dense), family,
+             "dense layers use swiglu")
+    return moe, dense
+
+
+def qwen3_moe_to_hf(model) -> dict:
+    f = _facts(model)
+    moe, dense = _moe_fields(model, "qwen3_moe")
+    dense_width = {model.blocks[i].ffn.hidden for i in dense}
+    _require(len(dense_width) <= 1, "qwen3_moe", "one width for the dense layers")
+    return qwen3_to_hf(model) | {
+        "moe_intermediate_size": moe.hidden, "intermediate_size": dense_width.pop() if dense_width else moe.hidden,
+        "num_experts": moe.num_experts, "num_experts_per_tok": moe.top_k, "norm_topk_prob": moe.normalize_top_k,
+        "router_aux_loss_coef": moe.aux_loss_coef, "decoder_sparse_step": 1, "mlp_only_layers": dense,
+    }
+
+
+def gemma3_to_hf(model) -> dict:
+    f = _facts(model)
+    attn = f["attention"]
+    _require(f["post_norms"] and f["pre_norms"] and f["norm"] == "rmsnorm" and f["ffn"] == "geglu", "gemma3",
+             "needs sandwich rmsnorm, geglu")
+    _require(f["kind"] != "mla" and not f["sinks"] and not any(f["nope_layers"]), "gemma3", "no sinks, mla or NoPE")
+    _qk_norm_eps(f, "gemma3", "head")
+    sliding = _sliding_fields(f, "gemma3")
+    ropes = {}
+    for block, kind in zip(model.blocks, sliding["layer_types"]):
+        params = _rope_to_hf(block.attention.position, "gemma3")
+        _require(ropes.setdefault(kind, params) == params, "gemma3", f"one rope setting for all {kind} layers")
+    ropes.setdefault("full_attention", ropes.get("sliding_attention"))
+    ropes.setdefault("sliding_attention", ropes["full_attention"])
+    return {
+        k: f[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                          "head_dim", "max_position_embeddings", "intermediate_size", "tie_word_embeddings")
+    } | sliding | {
+        "sliding_window": sliding["sliding_window"] or f["max_position_embeddings"],
+        "rms_norm_eps": f["eps"], "hidden_activation": "gelu_pytorch_tanh", "rope_parameters": ropes,
+        "attention_bias": f["attn_bias"], "query_pre_attn_scalar": round(attn.scale**-2),
+        "attn_logit_softcapping": attn.softcap, "final_logit_softcapping": model.head.softcap,
+    }
+
+
+def olmo2_to_hf(model) -> dict:
+    f = _facts(model)
+    _require(not f["pre_norms"] and f["post_norms"], "olmo2", "needs norms after the sub-layers only (pre_norms=false)")
+    _qk_norm_eps(f, "olmo2", "all")
+    _require(set(f["windows"]) == {None} and f["attn_bias"] == f["out_bias"], "olmo2", "no sliding window")
+    f = {**f, "pre_norms": True, "post_norms": False, "q_norm": None}  # checked above; the rest is Llama's
+    return _llama_like_hf(model, "olmo2", f) | {"attention_bias": f["attn_bias"]}
+
+
+def smollm3_to_hf(model) -> dict:
+    f = _facts(model)
+    _require(f["attn_bias"] == f["out_bias"], "smollm3", "q/k/v bias without output bias needs qwen2")
+    ropes = {repr(b.attention.position.config) for b in model.blocks if b.attention.position is not None}
+    _require(len(ropes) == 1, "smollm3", "one rope setting for the layers that use rope")
+    sliding = _sliding_fields(f, "smollm3")
+    return _llama_like_hf(model, "smollm3", f) | sliding | {
+        "attention_bias": f["attn_bias"], "mlp_bias": model.blocks[0].ffn.fc.bias is not None,
+        "no_rope_layers": [int(not nope) for nope in f["nope_layers"]],
+        "use_sliding_window": bool(sliding["sliding_window"]),
+    }
+
+
+def gpt_oss_to_hf(model) -> dict:
+    f = _facts(model)
+    _require(f["sinks"] and f["attn_bias"] and f["out_bias"], "gpt_oss", "needs attention sinks and q/k/v/o biases")
+    moe, dense = _moe_fields(model, "gpt_oss", router_bias=True, activation="clamped_swiglu", bias=True)
+    _require(not dense and moe.normalize_top_k, "gpt_oss", "moe in every layer with normalize_top_k")
+    f = {**f, "sinks": False}  # checked above; the rest is Llama's
+    return _llama_like_hf(model, "gpt_oss", f) | _sliding_fields(f, "gpt_oss") | {
+        "attention_bias": True, "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+        "router_aux_loss_coef": moe.aux_loss_coef, "swiglu_limit": moe.limit, "swiglu_alpha": moe.alpha,
+    }
+
+
+def deepseek_v3_to_hf(model) -> dict:
+    f = _facts(model)
+    attn = f["attention"]
+    _require(f["kind"] == "mla", "deepseek_v3", "needs mla attention")
+    _require(f["norm"] == "rmsnorm" and f["pre_norms"] and not f["post_norms"] and model.head.softcap is None
+             and model.embedding.scale is None, "deepseek_v3", "needs pre-norm rmsnorm, no soft-capping or embed scale")
+    _require(attn.kv_norm.eps == 1e-6 and (attn.q_norm is None or attn.q_norm.eps == 1e-6), "deepseek_v3",
+             "latent norms with eps 1e-6")
+    moe, dense = _moe_fields(model, "deepseek_v3", routing="sigmoid", num_groups=None, top_groups=None,
+                             routed_scale=None, balance_bias=True, shared_experts=None)
+    _require(dense == list(range(len(dense))), "deepseek_v3", "dense layers only before the moe layers")
+    rope = _rope_fields(f["position"], "deepseek_v3")
+    cfg = {
+        "vocab_size": f["vocab_size"], "hidden_size": f["hidden_size"], "num_hidden_layers": f["num_hidden_layers"],
+        "num_attention_heads": attn.num_heads, "num_key_value_heads": attn.num_heads,
+        "max_position_embeddings": f["max_position_embeddings"], "tie_word_embeddings": f["tie_word_embeddings"],
+        "rms_norm_eps": f["eps"], "hidden_act": "silu", "attention_bias": f["attn_bias"], **rope,
+        "kv_lora_rank": attn.kv_rank, "q_lora_rank": attn.config["q_rank"], "qk_rope_head_dim": attn.rope_dim,
+        "qk_nope_head_dim": attn.nope_dim, "v_head_dim": attn.v_dim, "rope_interleave": True,
+        "intermediate_size": model.blocks[dense[0]].ffn.hidden if dense else moe.hidden,
+        "moe_intermediate_size": moe.hidden, "n_routed_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+        "n_shared_experts": moe.config["shared_experts"], "n_group": moe.num_groups, "topk_group": moe.top_groups,
+        "norm_topk_prob": moe.normalize_top_k, "routed_scaling_factor": moe.routed_scale,
+        "first_k_dense_replace": len(dense), "num_nextn_predict_layers": 0,
+    }
+    expected = _mla_scale(cfg | {"rope_parameters": rope["rope_parameters"]})
+    _require(math.isclose(attn.scale, expected, rel_tol=1e-6), "deepseek_v3",
+             f"attention scale {attn.scale:g} (transformers derives {expected:g} from the head dims and rope)")
+    return cfg
+
+
 def gpt2_to_hf(model) -> dict:
     f = _facts(model)
+    _none_of_the_2025_blocks(f, "gpt2")
     _require(f["norm"] == "layernorm" and f["ffn"] == "gelu_mlp" and f["attn_bias"], "gpt2", "needs layernorm, gelu_mlp, biases")
     _require(type(f["position"]).component_name == "learned" and f["position"].offset == 0, "gpt2", "needs learned positions")
     _require(f["num_key_value_heads"] == f["num_attention_heads"] and set(f["windows"]) == {None}, "gpt2", "needs mha")
@@ -466,6 +774,7 @@ def gpt2_to_hf(model) -> dict:
 
 def opt_to_hf(model) -> dict:
     f = _facts(model)
+    _none_of_the_2025_blocks(f, "opt")
     _require(f["norm"] == "layernorm" and f["ffn"] == "gelu_mlp" and f["attn_bias"], "opt", "needs layernorm, gelu_mlp, biases")
     _require(type(f["position"]).component_name == "learned" and f["position"].offset == 2, "opt", "needs learned positions, offset 2")
     return {
@@ -506,31 +815,100 @@ def _qkv_split(attn) -> list[int]:
     return [q, kv, kv]
 
 
-def llama_tensors(model, gemma: bool = False, fused: bool = False) -> list[TensorMap]:
-    """Llama layout (also Mistral, Qwen2, OLMo, Mixtral; Phi-3 with fused qkv/gate_up; Gemma 2 with sandwich norms)."""
-    offset = 1.0 if gemma else 0.0
+def _interleaved_rotary(rows: int, rope_dim: int, period: int | None = None) -> list[int]:
+    """Row order that turns DeepSeek's interleaved rotary pairs (x0, x1), (x2, x3), ... into olm's rotate-half
+    halves (x0, x2, ...; x1, x3, ...): the last ``rope_dim`` rows of every ``period`` rows are reordered."""
+    period = period or rows
+    order = []
+    for start in range(0, rows, period):
+        rope_start = start + period - rope_dim
+        order += list(range(start, rope_start))
+        rope_rows = range(rope_start, rope_start + rope_dim)
+        order += list(rope_rows[0::2]) + list(rope_rows[1::2])
+    return order
+
+
+def _mla_tensors(o: str, a: str, attn) -> list[TensorMap]:
+    head = attn.nope_dim + attn.rope_dim
+    q_order = _interleaved_rotary(attn.num_heads * head, attn.rope_dim, head)
+    maps = [TensorMap(f"{o}.q.weight", [f"{a}.q_proj.weight"], permute=q_order)]
+    maps += _linear(f"{o}.q_a", [f"{a}.q_a_proj"]) + _norm(f"{o}.q_norm", f"{a}.q_a_layernorm")
+    maps.append(TensorMap(f"{o}.q_b.weight", [f"{a}.q_b_proj.weight"], permute=q_order))
+    kv_a_order = _interleaved_rotary(attn.kv_rank + attn.rope_dim, attn.rope_dim)
+    maps += [TensorMap(f"{o}.kv_a.weight", [f"{a}.kv_a_proj_with_mqa.weight"], permute=kv_a_order),
+             TensorMap(f"{o}.kv_a.bias", [f"{a}.kv_a_proj_with_mqa.bias"], permute=kv_a_order)]
+    maps += _norm(f"{o}.kv_norm", f"{a}.kv_a_layernorm") + _linear(f"{o}.kv_b", [f"{a}.kv_b_proj"])
+    return maps + _linear(f"{o}.proj", [f"{a}.o_proj"])
+
+
+def _moe_tensors(o: str, h: str, ffn, style: str) -> list[TensorMap]:
+    """Mixtral's ``block_sparse_moe.experts.{e}.w1/w3/w2``, Qwen3-MoE's and DeepSeek's ``mlp.experts.{e}.gate_proj/
+    up_proj/down_proj``, GPT-OSS's stacked ``mlp.experts.gate_up_proj`` (columns interleaved, stored (in, out))."""
+    E, hidden = ffn.num_experts, ffn.hidden
+    if style == "gpt_oss":
+        m = f"{h}.mlp"
+        interleaved = list(range(0, 2 * hidden, 2)) + list(range(1, 2 * hidden, 2))
+        return [
+            TensorMap(f"{o}.router.weight", [f"{m}.router.weight"]),
+            TensorMap(f"{o}.router.bias", [f"{m}.router.bias"]),
+            TensorMap(f"{o}.fc", [f"{m}.experts.gate_up_proj"], transpose=True, permute=interleaved, permute_dim=1),
+            TensorMap(f"{o}.fc_bias", [f"{m}.experts.gate_up_proj_bias"], permute=interleaved, permute_dim=1),
+            TensorMap(f"{o}.proj", [f"{m}.experts.down_proj"], transpose=True),
+            TensorMap(f"{o}.proj_bias", [f"{m}.experts.down_proj_bias"]),
+        ]
+    if style == "mixtral":
+        m, (gate, up, down) = f"{h}.block_sparse_moe", ("w1", "w3", "w2")
+    else:
+        m, (gate, up, down) = f"{h}.mlp", ("gate_proj", "up_proj", "down_proj")
+    maps = [
+        TensorMap(f"{o}.router.weight", [f"{m}.gate.weight"]),
+        TensorMap(f"{o}.expert_bias", [f"{m}.gate.e_score_correction_bias"]),
+        TensorMap(f"{o}.fc", [f"{m}.experts.{e}.{w}.weight" for e in range(E) for w in (gate, up)], [hidden, hidden],
+                  experts=E),
+        TensorMap(f"{o}.proj", [f"{m}.experts.{e}.{down}.weight" for e in range(E)], experts=E),
+    ]
+    if ffn.shared is not None:
+        shared = ffn.shared.hidden
+        s = f"{m}.shared_experts"
+        maps += [TensorMap(f"{o}.shared.fc.weight", [f"{s}.gate_proj.weight", f"{s}.up_proj.weight"], [shared, shared]),
+                 TensorMap(f"{o}.shared.proj.weight", [f"{s}.down_proj.weight"])]
+    return maps
+
+
+def llama_tensors(model, norms: str = "pre", offset: float = 0.0, fused: bool = False,
+                  moe: str = "mixtral") -> list[TensorMap]:
+    """Llama layout (also Mistral, Qwen2/3, OLMo, SmolLM3, the MoE families; Phi-3 with fused qkv/gate_up).
+
+    ``norms``: "pre" (input_layernorm, post_attention_layernorm before the FFN), "sandwich" (Gemma 2/3: plus
+    pre_/post_feedforward_layernorm), "post" (OLMo 2: post_attention_ and post_feedforward_layernorm after the
+    sub-layers); ``offset`` for norms stored as w - 1 (Gemma); ``moe`` names the expert layout.
+    """
     maps = _head(model, "model", "model.norm", offset=offset)
     for i, block in enumerate(model.blocks):
         o, h = f"layers.{i + 1}.layers", f"model.layers.{i}"
         a = f"{h}.self_attn"
-        qkv = [f"{a}.qkv_proj"] if fused else [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"]
-        maps += _linear(f"{o}.1.qkv", qkv, None if fused else _qkv_split(block.attention))
-        maps += _linear(f"{o}.1.proj", [f"{a}.o_proj"])
-        maps += _norm(f"{o}.0", f"{h}.input_layernorm", offset)
-        if gemma:
+        if type(block.attention).component_name == "mla":
+            maps += _mla_tensors(f"{o}.1", a, block.attention)
+        else:
+            qkv = [f"{a}.qkv_proj"] if fused else [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"]
+            maps += _linear(f"{o}.1.qkv", qkv, None if fused else _qkv_split(block.attention))
+            maps += _linear(f"{o}.1.proj", [f"{a}.o_proj"])
+            maps += _norm(f"{o}.1.q_norm", f"{a}.q_norm", offset) + _norm(f"{o}.1.k_norm", f"{a}.k_norm", offset)
+            maps.append(TensorMap(f"{o}.1.sinks", [f"{a}.sinks"]))
+        if norms == "post":
+            maps += _norm(f"{o}.4", f"{h}.post_attention_layernorm")
+            maps += _norm(f"{o}.5", f"{h}.post_feedforward_layernorm")
+        else:
+            maps += _norm(f"{o}.0", f"{h}.input_layernorm", offset)
+        if norms == "sandwich":
             maps += _norm(f"{o}.2", f"{h}.pre_feedforward_layernorm", offset)
             maps += _norm(f"{o}.4", f"{h}.post_attention_layernorm", offset)
             maps += _norm(f"{o}.5", f"{h}.post_feedforward_layernorm", offset)
-        else:
+        elif norms == "pre":
             maps += _norm(f"{o}.2", f"{h}.post_attention_layernorm")
         ffn = block.ffn
         if type(ffn).component_name == "moe":
-            m, E, hidden = f"{h}.block_sparse_moe", ffn.num_experts, ffn.hidden
-            maps += [
-                TensorMap(f"{o}.3.router.weight", [f"{m}.gate.weight"]),
-                TensorMap(f"{o}.3.fc", [f"{m}.experts.{e}.{w}.weight" for e in range(E) for w in ("w1", "w3")], [hidden, hidden], experts=E),
-                TensorMap(f"{o}.3.proj", [f"{m}.experts.{e}.w2.weight" for e in range(E)], experts=E),
-            ]
+            maps += _moe_tensors(f"{o}.3", h, ffn, moe)
         else:
             gate_up = [f"{h}.mlp.gate_up_proj"] if fused else [f"{h}.mlp.gate_proj", f"{h}.mlp.up_proj"]
             maps += _linear(f"{o}.3.fc", gate_up, None if fused else [ffn.hidden, ffn.hidden])
@@ -573,12 +951,24 @@ FAMILIES: dict[str, Family] = {
         Family("llama", "LlamaForCausalLM", "llama", llama_to_olm, llama_to_hf, llama_tensors),
         Family("mistral", "MistralForCausalLM", "mistral", mistral_to_olm, mistral_to_hf, llama_tensors),
         Family("qwen2", "Qwen2ForCausalLM", "qwen2", qwen2_to_olm, qwen2_to_hf, llama_tensors),
-        Family("gemma2", "Gemma2ForCausalLM", "gemma2", gemma2_to_olm, gemma2_to_hf, lambda m: llama_tensors(m, gemma=True)),
+        Family("gemma2", "Gemma2ForCausalLM", "gemma2", gemma2_to_olm, gemma2_to_hf,
+               lambda m: llama_tensors(m, "sandwich", offset=1.0)),
         Family("phi3", "Phi3ForCausalLM", "phi3", phi3_to_olm, phi3_to_hf, lambda m: llama_tensors(m, fused=True)),
         Family("olmo", "OlmoForCausalLM", "olmo", olmo_to_olm, olmo_to_hf, llama_tensors),
         Family("opt", "OPTForCausalLM", "opt", opt_to_olm, opt_to_hf, opt_tensors),
         Family("mixtral", "MixtralForCausalLM", "mixtral", mixtral_to_olm, mixtral_to_hf, llama_tensors),
         Family("stablelm", "StableLmForCausalLM", "stablelm", stablelm_to_olm, stablelm_to_hf, llama_tensors),
+        Family("qwen3", "Qwen3ForCausalLM", "qwen3", qwen3_to_olm, qwen3_to_hf, llama_tensors),
+        Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", qwen3_moe_to_olm, qwen3_moe_to_hf,
+               lambda m: llama_tensors(m, moe="qwen3_moe")),
+        Family("gemma3", "Gemma3ForCausalLM", "gemma3_text", gemma3_to_olm, gemma3_to_hf,
+               lambda m: llama_tensors(m, "sandwich", offset=1.0)),
+        Family("olmo2", "Olmo2ForCausalLM", "olmo2", olmo2_to_olm, olmo2_to_hf, lambda m: llama_tensors(m, "post")),
+        Family("smollm3", "SmolLM3ForCausalLM", "smollm3", smollm3_to_olm, smollm3_to_hf, llama_tensors),
+        Family("gpt_oss", "GptOssForCausalLM", "gpt_oss", gpt_oss_to_olm, gpt_oss_to_hf,
+               lambda m: llama_tensors(m, moe="gpt_oss")),
+        Family("deepseek_v3", "DeepseekV3ForCausalLM", "deepseek_v3", deepseek_v3_to_olm, deepseek_v3_to_hf,
+               lambda m: llama_tensors(m, moe="deepseek_v3")),
     ]
 }
 
@@ -594,6 +984,16 @@ def family_of_architecture(architecture: str, where: str = "config.json") -> Fam
 def infer_family(model) -> Family:
     """The family an olm LM exports to when none is named: the first whose rules the model meets."""
     f = _facts(model)
+    if f["kind"] == "mla":
+        return FAMILIES["deepseek_v3"]
+    if f["sinks"]:
+        return FAMILIES["gpt_oss"]
+    if not f["pre_norms"]:
+        return FAMILIES["olmo2"]
+    if f["q_norm"] is not None:
+        return FAMILIES["gemma3" if f["post_norms"] else "qwen3_moe" if f["ffn"] == "moe" else "qwen3"]
+    if any(f["nope_layers"]):
+        return FAMILIES["smollm3"]
     if f["ffn"] == "moe":
         return FAMILIES["mixtral"]
     if f["post_norms"]:

@@ -78,9 +78,15 @@ def _build_empty(config: dict) -> torch.nn.Module:
         return olm.build_model(config)
 
 
+def _weights(model) -> dict[str, torch.Tensor]:
+    """Parameters (a tied head counted once) and persistent buffers (MoE balancing biases): what a checkpoint holds."""
+    saved = set(model.state_dict(keep_vars=True))
+    return dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n in saved}
+
+
 def _select(maps: list[TensorMap], model) -> list[TensorMap]:
-    """The maps of parameters this model has; every parameter must be covered (tied head counted once)."""
-    params = dict(model.named_parameters())
+    """The maps of weights this model has; every one must be covered (tied head counted once)."""
+    params = _weights(model)
     maps = [m for m in maps if m.olm in params]
     uncovered = set(params) - {m.olm for m in maps}
     if uncovered:  # a family table out of step with olm: a bug, not a user error
@@ -99,6 +105,7 @@ def load_hf_dir(directory: str | os.PathLike, dtype: torch.dtype | None = torch.
     config = family.to_olm(hf)
     checkpoint = Checkpoint(directory)
     model = _build_empty(config)
+    weights = _weights(model)
     state, used = {}, set()
     for m in _select(family.tensors(model), model):
         tensors = []
@@ -112,12 +119,15 @@ def load_hf_dir(directory: str | os.PathLike, dtype: torch.dtype | None = torch.
             value = m.to_olm(tensors)
         except RuntimeError as exc:
             raise ConfigError(f"{checkpoint.directory}: tensors {', '.join(m.hf)} do not combine: {str(exc).splitlines()[0]}") from exc
-        expected = model.get_parameter(m.olm).shape
+        expected = weights[m.olm].shape
         if value.shape != expected:
             shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(m.hf, tensors))
             raise ConfigError(f"{checkpoint.directory}: shape mismatch for {shapes}; config.json implies {tuple(expected)} for olm {m.olm!r}")
         state[m.olm] = value.to(dtype) if dtype is not None else value
-    unused = sorted(k for k in checkpoint.location if k not in used and not k.endswith(IGNORED_SUFFIXES))
+    # DeepSeek-V3's multi-token-prediction layers follow the last layer; transformers does not load them either.
+    extra_layers = f"model.layers.{hf['num_hidden_layers']}." if hf.get("num_nextn_predict_layers") else None
+    unused = sorted(k for k in checkpoint.location if k not in used and not k.endswith(IGNORED_SUFFIXES)
+                    and not (extra_layers and k.startswith(extra_layers)))
     if unused:
         raise ConfigError(f"{checkpoint.directory}: tensor {unused[0]!r} is not used by the {family.name} mapping ({len(unused)} unused)")
     model.load_state_dict(state, strict=False, assign=True)
@@ -156,7 +166,7 @@ def to_hf(model, out_dir: str | os.PathLike, family: str | None = None, max_shar
         raise ConfigError(f"model.parametrization=mup at width multiplier {model.width_multiplier:g}: Hugging Face "
                           "architectures have no output multiplier or 1/d attention scale, so no family can express it")
     chosen: Family = FAMILIES[family] if family else infer_family(model)
-    params = dict(model.named_parameters())
+    params = _weights(model)
     dtype = next(iter(params.values())).dtype
     # olm keeps no special-token ids: no padding row (whose gradient HF would zero), the family's bos/eos defaults.
     hf_config = {"architectures": [chosen.architecture], "model_type": chosen.model_type, **chosen.to_hf(model),

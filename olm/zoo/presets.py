@@ -46,6 +46,45 @@ def _gemma2(hidden, layers, heads, kv, head_dim, ffn, scalar):
                 head_dim=head_dim, intermediate_size=ffn, query_pre_attn_scalar=scalar, **GEMMA2)
 
 
+def _qwen3(hidden, layers, heads, kv, head_dim, ffn, vocab=151936, ctx=40960, tie=True, **extra):
+    return _llama(hidden, layers, heads, kv, ffn, vocab, ctx, 1000000.0, eps=1e-6, tie=tie, head_dim=head_dim, **extra)
+
+
+def _gemma3(hidden, layers, heads, kv, head_dim, ffn, window, vocab=262144, ctx=32768, **extra):
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                head_dim=head_dim, intermediate_size=ffn, vocab_size=vocab, max_position_embeddings=ctx,
+                sliding_window=window, query_pre_attn_scalar=head_dim, rms_norm_eps=1e-6,
+                hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}, **extra)
+
+
+def _gpt_oss(hidden, layers, heads, kv, head_dim, ffn, experts, top_k, vocab=201088, ctx=131072, window=128,
+             original=4096, theta=150000.0, **extra):
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                head_dim=head_dim, intermediate_size=ffn, num_local_experts=experts, num_experts_per_tok=top_k,
+                vocab_size=vocab, max_position_embeddings=ctx, sliding_window=window, rms_norm_eps=1e-5,
+                tie_word_embeddings=False, rope_parameters={
+                    "rope_type": "yarn", "rope_theta": theta, "factor": ctx / original, "beta_fast": 32.0,
+                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": original}, **extra)
+
+
+def _deepseek_v3(hidden, layers, heads, q_rank, kv_rank, rope, nope, v, ffn, moe_ffn, experts, top_k, groups,
+                 top_groups, dense, vocab=129280, ctx=4096, **extra):
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                q_lora_rank=q_rank, kv_lora_rank=kv_rank, qk_rope_head_dim=rope, qk_nope_head_dim=nope, v_head_dim=v,
+                intermediate_size=ffn, moe_intermediate_size=moe_ffn, n_routed_experts=experts,
+                num_experts_per_tok=top_k, n_group=groups, topk_group=top_groups, n_shared_experts=1,
+                first_k_dense_replace=dense, routed_scaling_factor=2.5, norm_topk_prob=True, vocab_size=vocab,
+                max_position_embeddings=ctx, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_interleave=True,
+                **extra)
+
+
+DEEPSEEK_V3_ROPE = dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, beta_fast=32.0,
+                                             beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                             original_max_position_embeddings=4096))
+
+
 def _gpt2(embed, layers, heads, ctx=1024, vocab=50257):
     return dict(n_embd=embed, n_layer=layers, n_head=heads, n_positions=ctx, vocab_size=vocab)
 
@@ -115,6 +154,46 @@ PRESETS: dict[str, Preset] = {
     "mixtral_tiny": Preset("mixtral", _llama(32, 2, 4, 2, 48, 100, 64, 1000000.0, num_local_experts=4, num_experts_per_tok=2)),
     "mixtral_8x7b": Preset("mixtral", _llama(4096, 32, 32, 8, 14336, 32000, 32768, 1000000.0, num_local_experts=8,
                                              num_experts_per_tok=2), 46_702_792_704, "mistralai/Mixtral-8x7B-v0.1"),
+    # Qwen3 (2025): per-head RMS QK-norm, GQA, head_dim 128 independent of the width, no q/k/v bias.
+    # Published counts: the model cards' figures (0.6B; 30.5B total, 3.3B active), rounded there.
+    "qwen3_tiny": Preset("qwen3", _qwen3(48, 2, 6, 3, 16, 96, vocab=100, ctx=64)),
+    "qwen3_0_6b": Preset("qwen3", _qwen3(1024, 28, 16, 8, 128, 3072), 600_000_000, "Qwen/Qwen3-0.6B"),
+    # Qwen3-MoE: Qwen3 attention, 128 experts of width 768, 8 active, top-k renormalised.
+    "qwen3_moe_tiny": Preset("qwen3_moe", _qwen3(32, 2, 4, 2, 16, 48, vocab=100, ctx=64, tie=False,
+                                                 moe_intermediate_size=24, num_experts=8, num_experts_per_tok=3,
+                                                 norm_topk_prob=True)),
+    "qwen3_30b_a3b": Preset("qwen3_moe", _qwen3(2048, 48, 32, 4, 128, 6144, tie=False, moe_intermediate_size=768,
+                                                num_experts=128, num_experts_per_tok=8, norm_topk_prob=True),
+                            30_500_000_000, "Qwen/Qwen3-30B-A3B"),
+    # Gemma 3 (text): 5 sliding-window layers (RoPE base 10k) per global one (base 1M), QK-norm, sandwich norms.
+    # Published count: the technical report's 1B (302M embedding + 698M other parameters).
+    "gemma3_tiny": Preset("gemma3", _gemma3(48, 3, 3, 1, 16, 64, 5, vocab=100, ctx=64,
+                                            layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+    "gemma3_1b": Preset("gemma3", _gemma3(1152, 26, 4, 1, 256, 6912, 512), 1_000_000_000, "google/gemma-3-1b-pt"),
+    # OLMo 2: RMSNorm after attention and FFN outputs (no pre-norm), QK-norm over the whole projections.
+    "olmo2_tiny": Preset("olmo2", _llama(48, 2, 6, 2, 96, 100, 64, 500000.0, eps=1e-6)),
+    "olmo2_1b": Preset("olmo2", _llama(2048, 16, 16, 16, 8192, 100352, 4096, 500000.0, eps=1e-6), None,
+                       "allenai/OLMo-2-0425-1B"),
+    # SmolLM3: Llama with GQA and RoPE left out of every fourth layer (NoPE), tied embeddings.
+    "smollm3_tiny": Preset("smollm3", _llama(32, 4, 4, 2, 64, 100, 64, 2000000.0, eps=1e-6, tie=True,
+                                             no_rope_layer_interval=4)),
+    "smollm3_3b": Preset("smollm3", _llama(2048, 36, 16, 4, 11008, 128256, 65536, 5000000.0, eps=1e-6, tie=True,
+                                           no_rope_layer_interval=4), None, "HuggingFaceTB/SmolLM3-3B"),
+    # gpt-oss: attention sinks, q/k/v/o biases, alternating 128-token sliding and full layers, YaRN (x32), MoE of
+    # clamped-SwiGLU experts with biases. Published count: the model card's 21B total (20.9B), 3.6B active.
+    "gpt_oss_tiny": Preset("gpt_oss", _gpt_oss(32, 2, 4, 2, 16, 24, 4, 2, vocab=100, ctx=64, window=5, original=16,
+                                               theta=500.0, swiglu_limit=0.1)),
+    "gpt_oss_20b": Preset("gpt_oss", _gpt_oss(2880, 24, 64, 8, 64, 2880, 32, 4), 20_910_000_000, "openai/gpt-oss-20b"),
+    # DeepSeek-V3: multi-head latent attention (compressed q and kv, decoupled rotary dims), MoE of 256 experts with
+    # one shared expert, sigmoid routing within 4 of 8 groups and a load-balancing bias; 3 dense layers first.
+    # deepseek_v3_small is the same design scaled down (no published model).
+    "deepseek_v3_tiny": Preset("deepseek_v3", _deepseek_v3(36, 3, 3, 24, 16, 8, 12, 10, 48, 16, 8, 3, 4, 2, 1,
+                                                           vocab=100, ctx=64)),
+    "deepseek_v3_small": Preset("deepseek_v3", _deepseek_v3(1024, 12, 16, 384, 128, 32, 64, 64, 2816, 256, 32, 4, 4, 2,
+                                                            1), None, "DeepSeek-V3's design, scaled down"),
+    "deepseek_v3_671b": Preset("deepseek_v3", _deepseek_v3(7168, 61, 128, 1536, 512, 64, 128, 128, 18432, 2048, 256, 8,
+                                                           8, 4, 3, ctx=163840, **DEEPSEEK_V3_ROPE),
+                               671_000_000_000, "deepseek-ai/DeepSeek-V3"),
 }
 
 

@@ -7,7 +7,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from olm import registry
-from olm.nn.attention import KVCache
+from olm.nn.attention import AttentionContext, KVCache
 from olm.nn.blocks.embedding import TokenEmbedding
 from olm.nn.blocks.output_head import OutputHead
 from olm.nn.blocks.transformer_block import TransformerBlock
@@ -25,7 +25,8 @@ class LM(Block):
     sequence (which leaks the target in next-token training: useful only as a control).
 
     Keyword-only extras (defaults give the documented structure): ``attention``, ``num_kv_heads``, ``norm``, ``ffn``,
-    ``position`` and ``bias`` as in TransformerBlock; ``post_norms`` (sandwich norms); ``tie_embeddings`` (share the
+    ``position`` and ``bias`` as in TransformerBlock; ``post_norms`` (sandwich norms) and ``pre_norms`` (false with
+    post_norms: OLMo 2's norms after the sub-layers only); ``tie_embeddings`` (share the
     token table with the output projection); ``head_bias``; ``embed_scale`` (multiply token embeddings);
     ``logit_softcap``; ``block_overrides``: a list of per-layer TransformerBlock keyword overrides applied cyclically
     (``[{attention: {name: sliding_window, window: 4096}}, {}]`` alternates local and global layers);
@@ -56,6 +57,7 @@ class LM(Block):
         position="rope",
         bias: bool = False,
         post_norms: bool = False,
+        pre_norms: bool = True,
         tie_embeddings: bool = False,
         head_bias: bool = False,
         embed_scale: float | None = None,
@@ -76,7 +78,7 @@ class LM(Block):
         padded_vocab = pad_vocab_to * math.ceil(vocab_size / pad_vocab_to)
         block_kwargs = dict(
             attention=attention, num_kv_heads=num_kv_heads, norm=norm, ffn=ffn, position=position, bias=bias,
-            post_norms=post_norms,
+            post_norms=post_norms, pre_norms=pre_norms,
         )
         overrides = list(registry._plain(block_overrides) or [{}])
         blocks = []
@@ -141,10 +143,7 @@ class LM(Block):
         """Empty per-layer KV caches for incremental decoding of up to ``max_len`` positions."""
         max_len = max_len or self.max_seq_len
         weight = self.embedding.token.weight
-        return [
-            KVCache(batch_size, b.attention.num_kv_heads, b.attention.head_dim, max_len, weight.device, weight.dtype)
-            for b in self.blocks
-        ]
+        return [b.attention.make_cache(batch_size, max_len, weight.device, weight.dtype) for b in self.blocks]
 
     def hidden_states(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
         """Final hidden states before the output head: (B, T) ids -> (B, T, C)."""
@@ -157,7 +156,7 @@ class LM(Block):
             if recompute:  # keep only block inputs; recompute the rest in backward (less memory, ~1/3 more compute)
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, cache[i] if cache else None)
+                x = block(x, context=AttentionContext(cache[i] if cache else None, start))
         return x
 
     def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:

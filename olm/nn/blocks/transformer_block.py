@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from olm import registry
-from olm.nn.attention import KVCache
+from olm.nn.attention import AttentionContext
 from olm.nn.structure import Block, check_dropout
 from olm.registry import ConfigError, register, where
 
@@ -14,7 +14,9 @@ class TransformerBlock(Block):
     """x -> x + Attn(Norm(x)) -> h + FFN(Norm(h)); by default LayerNorm, multi-head attention with RoPE, SwiGLU.
 
     ``layers`` holds [attention norm, attention, ffn norm, ffn] (followed by the two post-norms when
-    ``post_norms=True``, the "sandwich" layout of Gemma 2). The FFN hidden size is
+    ``post_norms=True``, the "sandwich" layout of Gemma 2). ``pre_norms=False`` with ``post_norms=True`` normalises
+    only the sub-layer outputs, ``x + Norm(Attn(x))`` (OLMo 2); the pre-norm slots then hold ``nn.Identity``. The
+    FFN hidden size is
     ``ceil(ff_multiplier * embed_dim)`` (see ``olm.nn.ffn.hidden_size``).
 
     Keyword-only extras choose variants by registered name (``olm components`` lists them): ``attention``,
@@ -38,6 +40,7 @@ class TransformerBlock(Block):
         position="rope",
         bias: bool = False,
         post_norms: bool = False,
+        pre_norms: bool = True,
     ):
         super().__init__()
         if embed_dim % num_heads:
@@ -51,10 +54,17 @@ class TransformerBlock(Block):
             max_seq_len=max_seq_len, dropout=dropout, causal=causal, position=position,
         )
         mlp = registry.build("ffn", ffn_spec, "ffn", embed_dim=embed_dim, ff_multiplier=ff_multiplier, dropout=dropout)
-        layers = [registry.build("norm", norm, "norm", dim=embed_dim), attn, registry.build("norm", norm, "norm", dim=embed_dim), mlp]
+        if not pre_norms and not post_norms:
+            raise ConfigError(f"{where('pre_norms')}=false needs {where('post_norms')}=true: a block without norms "
+                              "is not supported")
+
+        def pre_norm() -> nn.Module:
+            return registry.build("norm", norm, "norm", dim=embed_dim) if pre_norms else nn.Identity()
+
+        layers = [pre_norm(), attn, pre_norm(), mlp]
         if post_norms:
             layers += [registry.build("norm", norm, "norm", dim=embed_dim) for _ in range(2)]
-        self.post_norms = post_norms
+        self.post_norms, self.pre_norms = post_norms, pre_norms
         self.layers = nn.ModuleList(layers)
 
     @property
@@ -65,9 +75,10 @@ class TransformerBlock(Block):
     def ffn(self) -> nn.Module:
         return self.layers[3]
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, context: AttentionContext | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); ``context`` carries the per-call attention inputs (KV cache, offset)."""
         attn_norm, attn, ffn_norm, ffn = self.layers[:4]
-        a = attn(attn_norm(x), cache)
+        a = attn(attn_norm(x), context=context)
         f_in = x + (self.layers[4](a) if self.post_norms else a)
         f = ffn(ffn_norm(f_in))
         return f_in + (self.layers[5](f) if self.post_norms else f)

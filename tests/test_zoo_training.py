@@ -1,0 +1,34 @@
+"""Every 2025 family's ``_tiny`` preset trains through olm-train's own path: the loss falls, and a run stopped and
+resumed from its checkpoint gives the same per-step losses bit for bit (MoE routing and balancing biases included)."""
+
+import pytest
+import torch
+
+from olm.nn import LM
+
+from test_train import cache_dir, run, train_losses  # noqa: F401  (cache_dir is a fixture)
+from test_zoo import NEW_FAMILIES
+
+COMMON = ["trainer.val_check_interval=3", "logger=none", "sample.max_new_tokens=0", "optim.lr=1e-2",
+          "data.val_batches=1", "data.batch_size=4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_tiny_preset_learns_and_resumes_bit_for_bit(family, tmp_path, cache_dir):  # noqa: F811
+    model = [f"model={family}_tiny"]
+    full, _ = run(tmp_path, cache_dir, [*model, *COMMON, "trainer.max_steps=6"], name="full")
+    run(tmp_path, cache_dir, [*model, *COMMON, "trainer.max_steps=3", "scheduler.total_steps=6", "export=false"],
+        name="part")
+    resumed, _ = run(tmp_path, cache_dir, [*model, *COMMON, "trainer.max_steps=6", "resume=auto", "export=false"],
+                     name="part")
+    expected, got = train_losses(full), train_losses(resumed)
+    assert len(expected) == 6 and got == expected  # steps 1-3 before the stop, 4-6 after the resume: equal floats
+    losses = list(expected.values())
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3  # it learned
+    trained = LM.load(full / "model")
+    for block in trained.blocks:
+        bias = getattr(block.ffn, "expert_bias", None)
+        if bias is not None:  # DeepSeek's balancing bias moved during training, by steps of balance_rate
+            assert bias.abs().sum() > 0
+            assert torch.allclose(bias / block.ffn.balance_rate, (bias / block.ffn.balance_rate).round(), atol=1e-3)
