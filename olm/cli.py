@@ -150,19 +150,20 @@ def cmd_models(args) -> int:
     from olm.nn.structure import meta_device
     from olm.train.compose import compose
     from olm.zoo import PRESETS, count_parameters
+    from olm.zoo.hf import export_family
 
     families = sorted({preset.family for preset in PRESETS.values()}) + ["config"]
     if args.family and args.family not in families:
         from olm.errors import did_you_mean
 
         raise ConfigError(f"--family={args.family!r} is not known" + did_you_mean(args.family, families))
-    print(f"{'preset':<14} {'family':<8} {'params':>8} {'published':>10} {'context':>8}  source")
+    print(f"{'preset':<21} {'family':<11} {'params':>8} {'published':>10} {'context':>8}  source")
     for name, preset in PRESETS.items():
         if args.family and preset.family != args.family:
             continue
         config = preset.config()
         published = _count(preset.published_params) if preset.published_params else "-"
-        print(f"{name:<14} {preset.family:<8} {_count(count_parameters(config)):>8} {published:>10} "
+        print(f"{name:<21} {preset.family:<11} {_count(count_parameters(config)):>8} {published:>10} "
               f"{config['max_seq_len']:>8}  {preset.source or 'toy size for tests'}")
     if args.family and args.family != "config":
         return 0
@@ -178,9 +179,12 @@ def cmd_models(args) -> int:
             print(f"error: model={name}: {exc}", file=sys.stderr)
             broken += 1
             continue
-        vocab = f"data vocab {cfg.data.vocab_size}"
-        print(f"{name:<14} {'config':<8} {_count(model.num_parameters()):>8} {'-':>10} {model.max_seq_len:>8}  "
-              f"conf/model/{name}.yaml ({vocab})")
+        try:
+            export = f"exports as {export_family(model)[0].name}"
+        except ConfigError as exc:
+            export = f"not exportable: {exc}"
+        print(f"{name:<21} {'config':<11} {_count(model.num_parameters()):>8} {'-':>10} {model.max_seq_len:>8}  "
+              f"conf/model/{name}.yaml (data vocab {cfg.data.vocab_size}; {export})")
     return 2 if broken else 0
 
 

@@ -350,13 +350,24 @@ def test_yarn_cannot_be_exported_as_phi3(tmp_path):
         to_hf(olm.build_model(cfg), tmp_path)
 
 
-CONFIG_PRESETS = {"lm_tiny": "stablelm", "lm_small": "stablelm", "llama_small": "llama", "gpt2_small": "gpt2"}
+CONFIG_PRESETS = {"lm_tiny": "stablelm", "lm_small": "stablelm", "llama_small": "llama", "gpt2_small": "gpt2",
+                  "attn2025_mha": "stablelm", "attn2025_gqa": "stablelm"}
+# attention_2025's variants that no Hugging Face family expresses: `olm models` says so, with the reason.
+NOT_EXPORTABLE = {"attn2025_local_global": "cannot export to stablelm: no sliding window",
+                  "attn2025_mla": "cannot export to deepseek_v3: needs pre-norm rmsnorm"}
 
 
-def test_every_config_preset_is_listed_here():
+def test_every_config_preset_is_listed_here(capsys):
     from olm.cli import config_presets
 
-    assert {name for name in config_presets() if name not in PRESETS} | {"gpt2_small"} == set(CONFIG_PRESETS)
+    listed = set(CONFIG_PRESETS) | set(NOT_EXPORTABLE)
+    assert {name for name in config_presets() if name not in PRESETS} | {"gpt2_small"} == listed
+    assert cli_main(["models", "--family", "config"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    for name, family in CONFIG_PRESETS.items():
+        assert name == "gpt2_small" or f"; exports as {family})" in rows[name], rows[name]
+    for name, reason in NOT_EXPORTABLE.items():
+        assert f"; not exportable: {reason}" in rows[name], rows[name]
 
 
 @pytest.mark.parametrize("preset,family", sorted(CONFIG_PRESETS.items()))

@@ -152,6 +152,19 @@ def from_hf(model_or_dir, dtype: torch.dtype | None = torch.float32):
     return load_hf_dir(model_or_dir, dtype)
 
 
+def export_family(model, family: str | None = None) -> tuple[Family, dict]:
+    """The Hugging Face family ``model`` exports to (``family``, else inferred) and that family's config fields;
+    ConfigError with the reason where no family can express it. Reads only shapes and settings: a model on the meta
+    device will do (``olm models`` asks this of every preset)."""
+    if family is not None and family not in FAMILIES:
+        raise ConfigError(f"family={family!r} is not known; known: {', '.join(FAMILIES)}")
+    if getattr(model, "width_multiplier", 1.0) != 1.0:
+        raise ConfigError(f"model.parametrization=mup at width multiplier {model.width_multiplier:g}: Hugging Face "
+                          "architectures have no output multiplier or 1/d attention scale, so no family can express it")
+    chosen: Family = FAMILIES[family] if family else infer_family(model)
+    return chosen, chosen.to_hf(model)
+
+
 def to_hf(model, out_dir: str | os.PathLike, family: str | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write ``model`` as a Hugging Face checkpoint dir that ``transformers.AutoModelForCausalLM`` loads.
 
@@ -160,16 +173,11 @@ def to_hf(model, out_dir: str | os.PathLike, family: str | None = None, max_shar
     """
     from safetensors.torch import save_file
 
-    if family is not None and family not in FAMILIES:
-        raise ConfigError(f"family={family!r} is not known; known: {', '.join(FAMILIES)}")
-    if getattr(model, "width_multiplier", 1.0) != 1.0:
-        raise ConfigError(f"model.parametrization=mup at width multiplier {model.width_multiplier:g}: Hugging Face "
-                          "architectures have no output multiplier or 1/d attention scale, so no family can express it")
-    chosen: Family = FAMILIES[family] if family else infer_family(model)
+    chosen, fields = export_family(model, family)
     params = _weights(model)
     dtype = next(iter(params.values())).dtype
     # olm keeps no special-token ids: no padding row (whose gradient HF would zero), the family's bos/eos defaults.
-    hf_config = {"architectures": [chosen.architecture], "model_type": chosen.model_type, **chosen.to_hf(model),
+    hf_config = {"architectures": [chosen.architecture], "model_type": chosen.model_type, **fields,
                  "pad_token_id": None, "dtype": str(dtype).removeprefix("torch.")}
     tensors = {}
     for m in _select(chosen.tensors(model), model):
