@@ -6,7 +6,7 @@ import torch
 
 from olm.nn import LM
 
-from test_train import cache_dir, run, train_losses  # noqa: F401  (cache_dir is a fixture)
+from test_train import cache_dir, read_metrics, run, train_losses  # noqa: F401  (cache_dir is a fixture)
 from test_zoo import NEW_FAMILIES
 
 COMMON = ["trainer.val_check_interval=3", "logger=none", "sample.max_new_tokens=0", "optim.lr=1e-2",
@@ -32,3 +32,13 @@ def test_tiny_preset_learns_and_resumes_bit_for_bit(family, tmp_path, cache_dir)
         if bias is not None:  # DeepSeek's balancing bias moved during training, by steps of balance_rate
             assert bias.abs().sum() > 0
             assert torch.allclose(bias / block.ffn.balance_rate, (bias / block.ffn.balance_rate).round(), atol=1e-3)
+    rows = [r for r in read_metrics(full) if r.get("train/loss")]
+    moe = [b.ffn for b in trained.blocks if hasattr(b.ffn, "last_load")]
+    if not moe:
+        assert "train/expert_load_max" not in rows[0]
+        return
+    # MoE: the busiest expert's load over the mean each logged step (>= 1), and the balancing loss where it is on
+    assert all(float(r["train/expert_load_max"]) >= 1.0 - 1e-6 for r in rows)
+    if any(f.aux_loss_coef for f in moe):
+        assert all(float(r["train/aux_loss"]) > 0 for r in rows)
+

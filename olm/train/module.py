@@ -196,11 +196,24 @@ class LMModule(L.LightningModule):
         metrics = {"train/loss": mean_loss, "lr": self.lr_schedulers().get_last_lr()[0]}
         if self._grad_norm is not None:
             metrics["train/grad_norm"] = self._grad_norm
+        metrics.update(self._routing_metrics())
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
         # For the progress bar, a number read once here (check_finite has just synced). A tensor logged with
         # prog_bar=True would be converted by Lightning with .item() at every later batch: a host sync per step.
         self.last_train_loss = float(mean_loss)
         self._train_loss_sum, self._train_loss_count = None, 0
+
+    def _routing_metrics(self) -> dict[str, torch.Tensor]:
+        """MoE layers of the last forward: their load-balancing loss (``train/aux_loss``) and the busiest expert's
+        load over the mean load, the worst layer's (``train/expert_load_max``: 1 is perfect balance); none for a dense
+        model. The balance bias (DeepSeek-V3) works through the loads, so this shows it at work as well."""
+        aux = self.model.aux_loss() if callable(getattr(self.model, "aux_loss", None)) else None
+        loads = [m.last_load.float() for m in self.model.modules() if getattr(m, "last_load", None) is not None]
+        metrics = {} if aux is None else {"train/aux_loss": aux.detach()}
+        if loads:
+            metrics["train/expert_load_max"] = torch.stack([load.max() / load.mean().clamp_min(1e-9)
+                                                            for load in loads]).max()
+        return metrics
 
     def check_finite(self, reduced_loss: torch.Tensor | None = None) -> None:
         """Raise NonFiniteLossError if a loss since the last check was NaN/inf, naming the first such step.
