@@ -18,7 +18,7 @@ from olm.compare.runs import Run, is_number
 from olm.errors import ConfigError, did_you_mean
 
 # Override keys that do not change what a run learns (or are its seed or its ladder rung): never a variant's name.
-NOT_VARIANTS = ("paths.", "logger", "trainer.enable_progress_bar", "sample.", "export", "resume", "ckpt_path",
+NOT_VARIANTS = ("paths.", "logger", "trainer.enable_progress_bar", "sample.", "export", "resume", "ckpt_path", "lock_timeout",
                 "compare.", "hydra.", "name", "sweep.")
 SEED_KEYS = ("seed", "seeds")
 # Config keys that decide which tokens a run sees, in which order, and for how long.

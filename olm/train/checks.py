@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from olm.errors import ConfigError, closest, config_error_cause, did_you_mean, first_line
 from olm.train.config import STRATEGIES, TrainConfig, check_settings, declared_keys, undeclared_keys
-from olm.train.speed import check_float8, processes_on_this_machine
+from olm.train.speed import check_float8, float8_recipe, processes_on_this_machine
 
 # What Hydra may instantiate from a config (launcher, sweeper, sampler, callbacks: ``_target_``; logging handlers:
 # ``class``/``()``): Hydra's own classes, its plugins, Optuna's samplers and the logging module. Anything else would
@@ -118,7 +119,8 @@ def _check_between_keys(cfg: DictConfig, dry_run: bool = False) -> None:
         raise ConfigError(f"seeds={cfg.seeds} runs every variant {cfg.seeds} times and needs a multirun: add -m, "
                           "or seeds=1 for one run (seed=N picks its seed)")
     if cfg.resume is not None and cfg.ckpt_path:
-        raise ConfigError("resume=auto and ckpt_path are both set; use one (resume=auto: the run dir's last checkpoint)")
+        raise ConfigError(f"resume={cfg.resume} and ckpt_path are both set; use one (resume: the run dir's last "
+                          "checkpoint; ckpt_path: a checkpoint file to start from)")
     _check_strategy(trainer.strategy)
     check_float8(cfg.float8, cfg.float8_head)
     if cfg.data.source == "prepared":
@@ -133,6 +135,38 @@ def _check_between_keys(cfg: DictConfig, dry_run: bool = False) -> None:
 
 def _strategy_name(strategy: Any) -> str:
     return str(strategy.get("name") if isinstance(strategy, DictConfig) else strategy)
+
+
+# -- what this machine must have -------------------------------------------------------------------------------------
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """What the run needs of the machine it runs on and of the files it names: the GPU it asks for (and its FP8
+    matmuls), the data path, the checkpoint to start from. Run before a run dir exists, so a refused run leaves
+    nothing; not run for jobs that run elsewhere (hydra/launcher=slurm) or are only printed (--cfg job)."""
+    accelerator = str(cfg.trainer.accelerator)
+    on_gpu = accelerator in GPU_ACCELERATORS or (accelerator == "auto" and torch.cuda.is_available())
+    if accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator}: this machine has no CUDA GPU that torch can use; "
+                          "use trainer=cpu (one process) or trainer=ddp_cpu (several CPU processes)")
+    recipe = float8_recipe(cfg.float8)
+    if recipe is not None and not on_gpu:
+        raise ConfigError(f"float8={recipe} needs a GPU with FP8 matmuls (compute capability 8.9+) and this run is "
+                          f"on the CPU (trainer.accelerator={accelerator}); set float8=false")
+    if recipe is not None and torch.cuda.get_device_capability(0) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(0)
+        raise ConfigError(f"float8={recipe} needs a GPU with FP8 matmuls (compute capability 8.9+); "
+                          f"{torch.cuda.get_device_name(0)} has {major}.{minor}; set float8=false")
+    if cfg.data.source in ("text", "bin", "hf_dataset") and cfg.data.path and not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path={str(cfg.data.path)!r} does not exist (data.source={cfg.data.source}: "
+                          "a file or a directory)")
+    if cfg.ckpt_path:
+        from olm.train.checkpoint import load_checkpoint
+
+        if not Path(cfg.ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r} does not exist")
+        load_checkpoint(cfg.ckpt_path, mmap=True)  # a missing, truncated or foreign file: one line, nothing made
 
 
 def _check_optim(cfg: DictConfig) -> None:

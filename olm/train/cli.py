@@ -18,7 +18,8 @@ import hydra
 from omegaconf import DictConfig
 
 from olm.errors import ConfigError
-from olm.train.outcome import SIGTERM_EXIT, one_line_error, report_error, write_failed_summary
+from olm.train.outcome import (SIGTERM_EXIT, forget_refused_run, is_fresh, one_line_error, report_error,
+                               write_failed_summary)
 
 log = logging.getLogger("olm")
 # Flags that make Hydra print something and exit, untouched by olm.
@@ -31,12 +32,17 @@ def run_job(cfg: DictConfig) -> float | None:
     from olm.train.run import train
     from olm.train.sweeps import JobFailed, pin_to_slot
 
+    from olm.train.lock import RunDirLive
+
     pin_to_slot()  # a worker of olm's parallel launcher: its GPU (or CPU share) before anything touches CUDA
     run_dir = Path(str(cfg.paths.output_dir)) if _output_dir_known(cfg) else None
+    fresh = run_dir is not None and is_fresh(run_dir)
     try:
         return train(cfg)
     except BaseException as exc:
-        if run_dir is not None:
+        if run_dir is not None and isinstance(exc, ConfigError) and fresh:
+            forget_refused_run(run_dir)  # refused before training: it leaves nothing for `olm compare` to list
+        elif run_dir is not None and not isinstance(exc, RunDirLive):
             write_failed_summary(run_dir, exc)  # a crash or Ctrl-C too: the run dir says so (`olm compare` lists it)
         reported = one_line_error(exc, run_dir)
         if reported is None:
@@ -104,7 +110,7 @@ def prepare(argv: list[str]) -> list[str]:
     """Check the command line as Hydra will run it; returns the argv to hand to Hydra (a resume's own overrides
     filled in). Raises ConfigError for the first mistake; exits 0 when a resume has nothing left to train."""
     from olm.train import resume
-    from olm.train.checks import check_run
+    from olm.train.checks import check_machine, check_run
     from olm.train.compose import compose, sweep_jobs
     from olm.train.run import refuse_fresh_start
 
@@ -121,6 +127,9 @@ def prepare(argv: list[str]) -> list[str]:
 
     planned = None
     if not args.multirun:
+        from olm.train.lock import refuse_if_live
+
+        refuse_if_live(resume.given_run_dir(overrides))  # before a resume reads the run, or Hydra writes into it
         overrides = resume.on_restart(overrides)
         planned = resume.plan(overrides, lambda o: compose(o, **where))
         if planned is not None:
@@ -131,8 +140,11 @@ def prepare(argv: list[str]) -> list[str]:
                          f"hydra.output_subdir={planned.record_subdir}"]
         cfg = compose(overrides, return_hydra_config=True, **where)
         check_run(cfg, dry_run=bool(args.cfg))
+        run_dir = Path(str(cfg.hydra.run.dir))
         if planned is None and cfg.resume is None and not cfg.ckpt_path:
-            refuse_fresh_start(Path(str(cfg.hydra.run.dir)))
+            refuse_fresh_start(run_dir)
+        if not args.cfg:
+            overrides = hold_run_dir(cfg, overrides)
         return [*flags, *overrides]
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -145,8 +157,11 @@ def prepare(argv: list[str]) -> list[str]:
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     base = compose(fixed, multirun=True, return_hydra_config=True, **where)
     sweeper = str(base.hydra.sweeper.get("_target_", ""))
+    here = not str(base.hydra.launcher.get("_target_", "")).endswith("OlmSlurmLauncher")  # jobs run on this machine
     if not sweeper.endswith(("BasicSweeper", "OlmSweeper")):
         check_run(base)
+        if here:
+            check_machine(base)
         _check_search_space(base, [o.get_key_element() for o in parsed if o.is_sweep_override()])
         if sweeper.endswith("OptunaSweeper"):
             from olm.train.sweeps import check_optuna
@@ -166,10 +181,31 @@ def prepare(argv: list[str]) -> list[str]:
         if base.seeds > 1 and variant in checked:
             continue  # the seeds of a variant (seed, ..., seed+N-1, all valid) compose the same config
         checked.add(variant)
-        check_run(compose(job, multirun=True, return_hydra_config=True, **where))
+        job_cfg = compose(job, multirun=True, return_hydra_config=True, **where)
+        check_run(job_cfg)
+        if here:
+            check_machine(job_cfg)
     if total > len(jobs):
         log.info("checked the first %d of the sweep's %d jobs before starting it", len(jobs), total)
     return [*flags, *overrides]
+
+
+def hold_run_dir(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """A single run: what it needs of this machine is checked, then its run dir's lock is taken (olm.train.lock),
+    both before Hydra creates the dir or writes its record there. Returns the overrides with the run dir pinned
+    (``hydra.run.dir``'s default holds the time, which would move on before Hydra composes it again)."""
+    from olm.train.checks import check_machine
+    from olm.train.lock import LOCKS, first_process
+    from olm.train.resume import given_run_dir
+
+    check_machine(cfg)
+    run_dir = Path(str(cfg.hydra.run.dir))
+    if first_process():
+        LOCKS.acquire(run_dir, cfg.lock_timeout)
+    if given_run_dir(overrides) is not None:
+        return overrides
+    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
+    return [*overrides, f"hydra.run.dir='{quoted}'"]
 
 
 def _check_launcher(cfg: DictConfig) -> None:

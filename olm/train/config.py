@@ -49,6 +49,7 @@ STRATEGIES = ("auto", "ddp", "fsdp", "ddp_spawn", "ddp_fork", "ddp_notebook", "s
 DATA_SOURCES = ("stdlib", "text", "bin", "hf_dataset", "prepared")
 TOKENIZERS = ("byte", "bpe", "hf")
 TOKEN_DTYPES = ("uint16", "uint32")
+RESUME_MODES = ("auto", "allow")
 
 
 # -- declaring a key -------------------------------------------------------------------------------------------------
@@ -450,9 +451,14 @@ class TrainConfig(SpeedConfig):
     sweep: SweepConfig = field(default_factory=SweepConfig)
     # The run's name in W&B and in reports: the experiment (or model) and the job's overrides.
     name: str = "${olm.run_name:}"
-    # Resume: null (fresh) or auto (the run dir's last checkpoint); ckpt_path: a checkpoint file.
-    resume: Optional[str] = setting(None, choices=("auto",))
+    # Resume: null (a fresh run), auto (continue the run in hydra.run.dir; refused where there is none) or allow
+    # (continue it if there is one, else start it there: job scripts that are started and restarted alike).
+    # ckpt_path: a checkpoint file to start from.
+    resume: Optional[str] = setting(None, choices=RESUME_MODES)
     ckpt_path: Optional[str] = None
+    # A live run holds <run dir>/run.lock and touches it every lock_timeout/3 s; another host takes the lock over
+    # once it has seen no heartbeat for lock_timeout s (olm.train.lock).
+    lock_timeout: float = setting(60.0, check=positive_number, allowed="a number of seconds > 0")
     export: bool = True  # after training: the model (Block.save format) and its tokenizer in <run dir>/model
     optimized_metric: str = "val/loss"  # returned to Hydra sweepers (Optuna minimises it)
 

@@ -8,6 +8,7 @@ everything with OLM_FULL_ERROR=1 or HYDRA_FULL_ERROR=1).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -110,6 +111,37 @@ def write_failed_summary(run_dir: Path, exc: BaseException) -> None:
         write_json(run_dir / "summary.json", {"status": status, "error": error})
     except Exception:  # e.g. the disk is full: the error itself still reaches stderr
         return
+
+
+# What a job writes into a run dir before it trains: Hydra's record and log, then olm's record (olm.train.run).
+BEFORE_TRAINING = ("config.yaml", "tokenizer", "metrics.csv", "hparams.yaml", "checkpoints", "wandb")
+
+
+def is_fresh(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds no run yet (Hydra's record of this job at most): a refusal may remove it again."""
+    return not any((run_dir / name).exists() for name in (*BEFORE_TRAINING, "summary.json", "model"))
+
+
+def forget_refused_run(run_dir: Path) -> None:
+    """A fresh job refused before training (a ConfigError) leaves no run dir behind: what it and Hydra wrote there
+    goes (Hydra's record and log, olm's record), then the dir if nothing else is in it."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    names = list(BEFORE_TRAINING)
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        names += [name for name in (hc.output_subdir, f"{hc.job.name}.log") if name]
+    for name in names:
+        path = run_dir / name
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()  # the lock file, if this process still holds it, goes when it is released
 
 
 def summarize(run_dir: Path, metrics: dict[str, float], *, datamodule, trainer, throughput, checkpoint,

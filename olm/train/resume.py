@@ -1,5 +1,8 @@
 """Resuming a run from the command line: ``olm-train resume=auto hydra.run.dir=X [overrides]``.
 
+``resume=allow`` does the same where X holds a run and starts one there where it holds none (job scripts
+that are started and restarted alike); ``resume=auto`` on a path that holds no run is refused in one line.
+
 The resumed job is composed from X's own overrides (Hydra's record in ``X/.hydra``, or the latest resume's), with
 the new overrides on top, so that ``resume=auto hydra.run.dir=X`` alone continues X exactly as it was configured.
 New overrides may change how the run continues (``trainer.max_steps=60``, the logger, ``optim.lr``, speed options),
@@ -36,12 +39,20 @@ def _key(override: str) -> str:
     return re.split(r"=", override.lstrip("+~"), maxsplit=1)[0]
 
 
-def requested_run_dir(overrides: list[str]) -> Path | None:
-    """X when the overrides ask for ``resume=auto`` in ``hydra.run.dir=X``."""
-    if "resume=auto" not in overrides:
-        return None
+def resume_mode(overrides: list[str]) -> str | None:
+    """The command line's ``resume=`` value (auto, allow), or None."""
+    values = [o.split("=", 1)[1] for o in overrides if _key(o) == "resume"]
+    return values[-1] if values and values[-1] in ("auto", "allow") else None
+
+
+def given_run_dir(overrides: list[str]) -> Path | None:
     dirs = [o.split("=", 1)[1] for o in overrides if _key(o) == "hydra.run.dir"]
     return Path(dirs[-1]) if dirs else None
+
+
+def requested_run_dir(overrides: list[str]) -> Path | None:
+    """X when the overrides ask for ``resume=auto`` (or ``allow``) in ``hydra.run.dir=X``."""
+    return given_run_dir(overrides) if resume_mode(overrides) else None
 
 
 FINISHED_MARK = "finished"  # written into a resume's record when the resumed run finishes
@@ -83,17 +94,25 @@ def on_restart(overrides: list[str]) -> list[str]:
 
 def plan(overrides: list[str], compose) -> ResumePlan | None:
     """The resumed job for ``overrides``, or None when they do not resume an existing run (a fresh run, or
-    ``resume=auto`` on a run dir that holds no run yet). ``compose(overrides)`` composes a config as olm-train would."""
+    ``resume=allow`` on a run dir without a checkpoint). ``resume=auto`` where there is no run is refused: a mistyped
+    path never trains a new run. ``compose(overrides)`` composes a config as olm-train would."""
+    from olm.train.run import no_run_to_resume, nothing_to_resume
+
+    mode = resume_mode(overrides)
     run_dir = requested_run_dir(overrides)
-    if run_dir is None:
+    if mode is None or (run_dir is None and mode == "allow"):
         return None
+    if run_dir is None:
+        raise no_run_to_resume(None)
     record = latest_record(run_dir)
     saved_config = run_dir / "config.yaml"
     if record is None or not saved_config.is_file():
-        return None
+        if mode == "allow":
+            return None
+        raise no_run_to_resume(run_dir)
     if checkpoint_step(run_dir) is None:
-        from olm.train.run import nothing_to_resume
-
+        if mode == "allow":
+            return None  # it stopped before its first checkpoint: started again, as a restarted job is
         raise nothing_to_resume(run_dir)
     own = [o for o in OmegaConf.load(record / "overrides.yaml") if _key(str(o)) not in ("resume", "ckpt_path")]
     new = [o for o in overrides if _key(o) not in ("resume", "hydra.run.dir")]

@@ -6,7 +6,9 @@ Every run directory ends up holding: ``.hydra/`` (Hydra's record of the job), ``
 vocabulary filled in), ``metrics.csv``, ``summary.json``, ``checkpoints/`` (last.ckpt + best by val loss), ``model/``
 (Block.save export + tokenizer) and ``wandb/``.
 
-Resume rules (``resume=auto`` or ``ckpt_path``): the checkpoint must hold the same model as the config builds (else
+Resume rules (``resume=auto``, ``resume=allow`` or ``ckpt_path``): ``resume=auto`` continues the run in the run dir
+and is refused where there is none (a mistyped path never trains a new run); ``resume=allow`` starts the run there
+when it holds no checkpoint yet (job scripts started and restarted alike). The checkpoint must hold the same model as the config builds (else
 one ConfigError naming the differing keys, before anything is written); a run dir whose record exists but holds no
 checkpoint is refused instead of silently started over; ``config.yaml`` and ``summary.json`` of a resumed run are
 replaced only when the resumed run finishes. A fresh run never starts over a run dir that holds checkpoints or a
@@ -30,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from olm.errors import ConfigError, first_line
 from olm.eval import lm_eval_installed
-from olm.train.checks import check_run
+from olm.train.checks import check_machine, check_run
 from olm.train.config import (CallbacksConfig, DataConfig, LoggerConfig, SampleConfig, SchedulerConfig,
                               TrainerConfig, optimizer_schema, speed_config, typed)
 from olm.train.outcome import final_lines, read_summary, summarize, write_failed_summary, write_json
@@ -133,7 +135,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
             raise ConfigError(f"ckpt_path={str(path)!r} does not exist")
         return str(path)
     latest = latest_checkpoint(run_dir)
-    if cfg.resume != "auto":
+    if cfg.resume is None:
         from olm.train.slurm import check_own_run, restart
 
         if restart() and latest is not None:  # a requeued SLURM job, a torchrun restart: it goes on
@@ -142,11 +144,14 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
             return str(latest)
         refuse_fresh_start(run_dir)
         return None
+    if latest is None and cfg.resume == "allow":
+        log.info("resume=allow: no checkpoint in %s yet, starting the run there", run_dir)
+        return None
     if latest is None and has_record(run_dir):
         raise nothing_to_resume(run_dir)
     if latest is None:
-        log.info("resume=auto: no run in %s yet, starting from scratch", run_dir)
-    return str(latest) if latest else None
+        raise no_run_to_resume(run_dir)
+    return str(latest)
 
 
 def refuse_fresh_start(run_dir: Path) -> None:
@@ -157,6 +162,14 @@ def refuse_fresh_start(run_dir: Path) -> None:
     if latest_checkpoint(run_dir) is not None or read_summary(run_dir).get("status") == "finished":
         raise ConfigError(f"{run_dir} already holds a run (checkpoints, summary.json); continue it with "
                           "resume=auto, or start a new run in another hydra.run.dir")
+
+
+def no_run_to_resume(run_dir: Path | None) -> ConfigError:
+    if run_dir is None:
+        return ConfigError("resume=auto continues the run in hydra.run.dir: give hydra.run.dir=<its run dir> "
+                           "(resume=allow starts it there when it holds no run yet)")
+    return ConfigError(f"resume=auto: {run_dir} holds no run (no config.yaml, no checkpoint); check the path, or "
+                       "use resume=allow to start a run there if it holds none")
 
 
 def nothing_to_resume(run_dir: Path) -> ConfigError:
@@ -255,7 +268,17 @@ def validation_steps(trainer: TrainerConfig) -> int:
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Run one training job; returns ``cfg.optimized_metric`` for sweepers."""
+    """Run one training job; returns ``cfg.optimized_metric`` for sweepers. The checks run first, then the job holds
+    its run dir's lock (olm.train.lock) until it ends, however it ends."""
+    from olm.train.lock import run_dir_lock
+
+    check_run(cfg)
+    check_machine(cfg)
+    with run_dir_lock(Path(cfg.paths.output_dir), cfg.lock_timeout):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> float | None:
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -267,7 +290,6 @@ def train(cfg: DictConfig) -> float | None:
 
     started = time.time()
     quiet_lightning()
-    check_run(cfg)
     trainer_cfg, data_cfg = typed(cfg.trainer, TrainerConfig, "trainer."), typed(cfg.data, DataConfig, "data.")
     callbacks_cfg = typed(cfg.callbacks, CallbacksConfig, "callbacks.")
     sample = typed(cfg.sample, SampleConfig, "sample.")
