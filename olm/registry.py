@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from olm.errors import ConfigError, OlmError, did_you_mean
 
-__all__ = ["ConfigError", "OlmError", "register", "get", "build", "entries", "names", "kinds", "describe"]
+__all__ = ["ConfigError", "OlmError", "register", "get", "build", "build_model", "entries", "names", "kinds", "describe"]
 ENTRY_POINT_GROUP = "olm.components"
 
 
@@ -338,3 +338,18 @@ def describe(entry: Entry, skip: Iterable[str] = (), width: int | None = None) -
             else:
                 lines.append(("    " if lines else "") + piece)
     return "\n".join(lines)
+
+
+def build_model(cfg: Mapping[str, Any], path: str = "model"):
+    """Build a registered model from a config mapping (dict or DictConfig).
+
+    ``name`` picks the model kind (default ``lm``), ``imports`` lists modules to import first (third-party
+    components), and every other key is a constructor argument, validated against the registered signature.
+    """
+    spec = dict(_plain(cfg) or {})
+    imports = spec.pop("imports", None) or []
+    if not isinstance(imports, list):
+        raise ConfigError(f"{path}.imports={imports!r} must be a list of module names")
+    import_modules(imports, f"{path}.imports")
+    spec.setdefault("name", "lm")
+    return build("model", spec, path)

@@ -191,7 +191,7 @@ def test_hydra_plain_api_composes_and_builds_presets_with_no_olm_call(tmp_path):
         with initialize_config_dir(str(conf), version_base="1.3"):
             for name in presets:
                 cfg = compose("train", overrides=[f"model={name}"])
-                with meta_device():
+                with torch.device("meta"):
                     model = olm.build_model(cfg.model)
                 print(name, model.vocab_size, sum(p.numel() for p in model.parameters()))
         assert "olm.train.cli" not in sys.modules
@@ -340,7 +340,7 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_keys(finished_run, 
 
 def test_resume_auto_without_a_checkpoint_says_so(tmp_path):
     from olm.train.outcome import sigterm_message
-    from olm.train.run import resume_checkpoint
+    from olm.train.resume import resume_checkpoint
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -317,7 +317,7 @@ def test_a_restart_continues_only_its_own_run(tmp_path, monkeypatch, capsys):
     from omegaconf import OmegaConf
 
     from olm.train.compose import compose as compose_run
-    from olm.train.slurm import check_own_run
+    from olm.train.resume import check_own_run
 
     own = compose_run(["+experiment=smoke", f"paths.output_dir={run_dir}"])
     OmegaConf.save(own, run_dir / "config.yaml", resolve=True)

@@ -112,7 +112,7 @@ def prepare(argv: list[str]) -> list[str]:
     from olm.train import resume
     from olm.train.checks import check_machine, check_run
     from olm.train.compose import compose, sweep_jobs
-    from olm.train.run import refuse_fresh_start
+    from olm.train.resume import refuse_fresh_start
 
     argv = _absolute_config_path(argv)
     args = _parse(argv)

@@ -544,12 +544,12 @@ _PARAMETERS: dict[str, int] = {}
 
 def _parameters(key: str, model: dict) -> int:
     if key not in _PARAMETERS:
-        import olm
         from olm.nn.structure import meta_device
+        from olm.registry import build_model
         from olm.train.flops import active_parameters
 
         with meta_device():
-            _PARAMETERS[key] = active_parameters(olm.build_model(model))
+            _PARAMETERS[key] = active_parameters(build_model(model))
     return _PARAMETERS[key]
 
 

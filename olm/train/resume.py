@@ -13,6 +13,7 @@ X's first record stays as it was.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from olm.errors import ConfigError
+
+log = logging.getLogger("olm")
 
 # Data keys that change how the data is read, not which tokens are trained on.
 DATA_KEYS_FREE_ON_RESUME = {"num_workers", "pin_memory", "cache_dir"}
@@ -96,8 +99,6 @@ def plan(overrides: list[str], compose) -> ResumePlan | None:
     """The resumed job for ``overrides``, or None when they do not resume an existing run (a fresh run, or
     ``resume=allow`` on a run dir without a checkpoint). ``resume=auto`` where there is no run is refused: a mistyped
     path never trains a new run. ``compose(overrides)`` composes a config as olm-train would."""
-    from olm.train.run import no_run_to_resume, nothing_to_resume
-
     mode = resume_mode(overrides)
     run_dir = requested_run_dir(overrides)
     if mode is None or (run_dir is None and mode == "allow"):
@@ -196,3 +197,86 @@ def _finished(run_dir: Path, cfg: DictConfig) -> str | None:
         return (f"{run_dir} finished at step {steps} (trainer.max_steps={cfg.trainer.max_steps}); nothing to resume. "
                 f"To train it further: olm-train resume=auto hydra.run.dir={run_dir} trainer.max_steps=<more steps>")
     return None
+
+
+# -- the rules of a run dir: what a job may start or continue there ---------------------------------------------
+def has_record(run_dir: Path) -> bool:
+    """Whether a run has already left its record in ``run_dir``."""
+    return any((run_dir / name).exists() for name in ("metrics.csv", "summary.json", "config.yaml"))
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint this run continues from, or None for a fresh start."""
+    from olm.checkpoint import latest_checkpoint
+
+    if cfg.ckpt_path:
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={str(path)!r} does not exist")
+        return str(path)
+    latest = latest_checkpoint(run_dir)
+    if cfg.resume is None:
+        from olm.train.slurm import restart
+
+        if restart() and latest is not None:  # a requeued SLURM job, a torchrun restart: it goes on
+            check_own_run(run_dir, cfg)
+            log.info("%s: a restarted job continues its own run from %s", restart(), latest)
+            return str(latest)
+        refuse_fresh_start(run_dir)
+        return None
+    if latest is None and cfg.resume == "allow":
+        log.info("resume=allow: no checkpoint in %s yet, starting the run there", run_dir)
+        return None
+    if latest is None and has_record(run_dir):
+        raise nothing_to_resume(run_dir)
+    if latest is None:
+        raise no_run_to_resume(run_dir)
+    return str(latest)
+
+
+def refuse_fresh_start(run_dir: Path) -> None:
+    """A fresh run never starts over a run dir holding a run a fresh start would destroy: a checkpoint, or a
+    finished run's summary."""
+    from olm.checkpoint import latest_checkpoint
+    from olm.train.outcome import read_summary
+
+    if latest_checkpoint(run_dir) is not None or read_summary(run_dir).get("status") == "finished":
+        raise ConfigError(f"{run_dir} already holds a run (checkpoints, summary.json); continue it with "
+                          "resume=auto, or start a new run in another hydra.run.dir")
+
+
+def no_run_to_resume(run_dir: Path | None) -> ConfigError:
+    if run_dir is None:
+        return ConfigError("resume=auto continues the run in hydra.run.dir: give hydra.run.dir=<its run dir> "
+                           "(resume=allow starts it there when it holds no run yet)")
+    return ConfigError(f"resume=auto: {run_dir} holds no run (no config.yaml, no checkpoint); check the path, or "
+                       "use resume=allow to start a run there if it holds none")
+
+
+def nothing_to_resume(run_dir: Path) -> ConfigError:
+    return ConfigError(f"resume=auto: {run_dir} holds no checkpoint (the run stopped before its first one, "
+                       "written at each validation); nothing to resume, start a new run")
+
+
+def check_own_run(run_dir: Path, cfg: DictConfig) -> None:
+    """A restarted job continues only the run its run dir holds: one line naming the keys where the job's
+    config differs from the run's saved ``config.yaml`` (a preset edited while the job waited in the queue, a
+    run dir given to two jobs), before anything is written."""
+    from olm.train.slurm import SAME_ON_RESTART, restart
+
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = OmegaConf.load(saved_file)
+    changed = []
+    for key in SAME_ON_RESTART:
+        plain = [OmegaConf.to_container(c[key], resolve=True) if isinstance(c[key], DictConfig) else c[key]
+                 for c in (saved, cfg)]
+        changed += [k for k in changed_keys(*plain, key)
+                    if not (key == "data" and k.split(".")[1] in DATA_KEYS_FREE_ON_RESUME)]
+    if changed:
+        shown = "; ".join(f"{k}: {OmegaConf.select(saved, k)!r} -> {OmegaConf.select(cfg, k)!r}"
+                          for k in changed[:3])
+        raise ConfigError(f"{restart()}: {run_dir} holds a checkpoint of another config ({shown}); a "
+                          "restarted job continues only its own run: give this job another hydra.sweep.dir "
+                          "or hydra.run.dir")

@@ -36,6 +36,7 @@ from olm.train.checks import check_machine, check_run
 from olm.train.config import (CallbacksConfig, DataConfig, LoggerConfig, SampleConfig, SchedulerConfig,
                               TrainerConfig, optimizer_schema, speed_config, typed)
 from olm.train.outcome import final_lines, read_summary, summarize, write_failed_summary, write_json
+from olm.train.resume import has_record, resume_checkpoint
 
 log = logging.getLogger("olm")
 
@@ -118,63 +119,6 @@ def make_loggers(logger_cfg: LoggerConfig, name: str, run_dir: Path, resume_run_
         if wandb_logger is not None:
             loggers.append(wandb_logger)
     return loggers, wandb_logger
-
-
-def has_record(run_dir: Path) -> bool:
-    """Whether a run has already left its record in ``run_dir``."""
-    return any((run_dir / name).exists() for name in ("metrics.csv", "summary.json", "config.yaml"))
-
-
-def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """The checkpoint this run continues from, or None for a fresh start."""
-    from olm.checkpoint import latest_checkpoint
-
-    if cfg.ckpt_path:
-        path = Path(cfg.ckpt_path)
-        if not path.is_file():
-            raise ConfigError(f"ckpt_path={str(path)!r} does not exist")
-        return str(path)
-    latest = latest_checkpoint(run_dir)
-    if cfg.resume is None:
-        from olm.train.slurm import check_own_run, restart
-
-        if restart() and latest is not None:  # a requeued SLURM job, a torchrun restart: it goes on
-            check_own_run(run_dir, cfg)
-            log.info("%s: a restarted job continues its own run from %s", restart(), latest)
-            return str(latest)
-        refuse_fresh_start(run_dir)
-        return None
-    if latest is None and cfg.resume == "allow":
-        log.info("resume=allow: no checkpoint in %s yet, starting the run there", run_dir)
-        return None
-    if latest is None and has_record(run_dir):
-        raise nothing_to_resume(run_dir)
-    if latest is None:
-        raise no_run_to_resume(run_dir)
-    return str(latest)
-
-
-def refuse_fresh_start(run_dir: Path) -> None:
-    """A fresh run never starts over a run dir holding a run a fresh start would destroy: a checkpoint, or a
-    finished run's summary."""
-    from olm.checkpoint import latest_checkpoint
-
-    if latest_checkpoint(run_dir) is not None or read_summary(run_dir).get("status") == "finished":
-        raise ConfigError(f"{run_dir} already holds a run (checkpoints, summary.json); continue it with "
-                          "resume=auto, or start a new run in another hydra.run.dir")
-
-
-def no_run_to_resume(run_dir: Path | None) -> ConfigError:
-    if run_dir is None:
-        return ConfigError("resume=auto continues the run in hydra.run.dir: give hydra.run.dir=<its run dir> "
-                           "(resume=allow starts it there when it holds no run yet)")
-    return ConfigError(f"resume=auto: {run_dir} holds no run (no config.yaml, no checkpoint); check the path, or "
-                       "use resume=allow to start a run there if it holds none")
-
-
-def nothing_to_resume(run_dir: Path) -> ConfigError:
-    return ConfigError(f"resume=auto: {run_dir} holds no checkpoint (the run stopped before its first one, "
-                       "written at each validation); nothing to resume, start a new run")
 
 
 def read_checkpoint_meta(path: str | None) -> dict:

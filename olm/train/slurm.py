@@ -7,7 +7,7 @@ torchrun's elastic agent counts its restarts of the workers in ``TORCHELASTIC_RE
 not submitit's checkpoint hook, tells olm that a job is a restart: the hook runs only for submitit's own
 requeue, never when SLURM requeues a job by itself, and never under torchrun. A restart on a run dir holding a
 checkpoint resumes it as ``resume=auto`` would (olm.train.resume); a first start there is refused
-(olm.train.run.refuse_fresh_start).
+(olm.train.resume.refuse_fresh_start).
 """
 
 from __future__ import annotations
@@ -32,30 +32,6 @@ def restart() -> str | None:
         if value.isdigit() and int(value) > 0:
             return f"{name}={value}"
     return None
-
-
-def check_own_run(run_dir: Path, cfg: DictConfig) -> None:
-    """A restarted job continues only the run its run dir holds: one line naming the keys where the job's
-    config differs from the run's saved ``config.yaml`` (a preset edited while the job waited in the queue, a
-    run dir given to two jobs), before anything is written."""
-    from olm.train.resume import DATA_KEYS_FREE_ON_RESUME, changed_keys
-
-    saved_file = run_dir / "config.yaml"
-    if not saved_file.is_file():
-        return
-    saved = OmegaConf.load(saved_file)
-    changed = []
-    for key in SAME_ON_RESTART:
-        plain = [OmegaConf.to_container(c[key], resolve=True) if isinstance(c[key], DictConfig) else c[key]
-                 for c in (saved, cfg)]
-        changed += [k for k in changed_keys(*plain, key)
-                    if not (key == "data" and k.split(".")[1] in DATA_KEYS_FREE_ON_RESUME)]
-    if changed:
-        shown = "; ".join(f"{k}: {OmegaConf.select(saved, k)!r} -> {OmegaConf.select(cfg, k)!r}"
-                          for k in changed[:3])
-        raise ConfigError(f"{restart()}: {run_dir} holds a checkpoint of another config ({shown}); a "
-                          "restarted job continues only its own run: give this job another hydra.sweep.dir "
-                          "or hydra.run.dir")
 
 
 # -- what a SLURM job asks for (conf/hydra/launcher/slurm.yaml) ---------------------------------------------
