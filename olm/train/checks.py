@@ -161,6 +161,9 @@ def check_machine(cfg: DictConfig) -> None:
     if cfg.data.source in ("text", "bin", "hf_dataset") and cfg.data.path and not Path(cfg.data.path).exists():
         raise ConfigError(f"data.path={str(cfg.data.path)!r} does not exist (data.source={cfg.data.source}: "
                           "a file or a directory)")
+    from olm.train.wandb_logging import check_online
+
+    check_online(cfg.logger)
     if cfg.ckpt_path:
         from olm.train.checkpoint import load_checkpoint
 
