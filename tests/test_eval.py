@@ -119,7 +119,9 @@ target_delimiter: ""
 metric_list:
   - metric: acc
 """)
-    proc = subprocess.run([str(BIN / "lm_eval"), "run", "--model", "olm", "--model_args", f"path={model_dir}",
+    # device in --model_args and lm-eval's own --device: the model's args win (lm-eval would pass device twice)
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "olm",
+                           "--model_args", f"path={model_dir},device=cpu",
                            "--tasks", "local_choice", "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
                            "--output_path", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})

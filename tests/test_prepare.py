@@ -172,3 +172,15 @@ def test_prepare_command_line(sources, tmp_path, capsys):
         assert main(["data", "prepare", *argv, "--quiet"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_a_failed_first_attempt_does_not_block_the_corrected_command(tmp_path):
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"content": f"document {i} " * 30}) + "\n"
+                                                 for i in range(40)))
+    out = tmp_path / "out"
+    args = dict(tokenizer="byte", val_fraction=0.2, workers=1, progress=False)
+    with pytest.raises(ValueError, match="text_field='text' is not a field of line 1 .*; fields: content"):
+        prepare(tmp_path / "docs.jsonl", out, **args)
+    assert not out.exists()  # nothing half-made is left to refuse the corrected command
+    manifest = prepare(tmp_path / "docs.jsonl", out, text_field="content", **args)
+    assert manifest["splits"]["train"]["num_documents"] + manifest["splits"]["val"]["num_documents"] == 40

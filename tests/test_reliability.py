@@ -474,6 +474,8 @@ def test_wandb_failures_never_stop_training_and_nothing_listens(tmp_path, cache_
             sockets.append(listening_sockets(os.getpid(), exclude))
         return on_batch_end(self, trainer, *args)
 
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # a key and a server that answers: the run starts online
+    monkeypatch.setattr("olm.train.wandb_logging.unreachable", lambda host, port: None)
     monkeypatch.setattr(wandb, "init", init)
     monkeypatch.setattr(Run, "log", broken_log)
     monkeypatch.setattr(ThroughputMonitor, "on_train_batch_end", watch)

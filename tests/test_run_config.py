@@ -346,10 +346,14 @@ def test_resume_auto_without_a_checkpoint_says_so(tmp_path):
     run_dir.mkdir()
     assert "before the first checkpoint" in sigterm_message(run_dir) and "resume=auto" not in sigterm_message(run_dir)
     cfg = compose(["resume=auto", "data.tokenizer=byte"])
-    assert resume_checkpoint(cfg, run_dir) is None  # nothing there yet: a fresh start (e.g. a first SLURM attempt)
+    with pytest.raises(ConfigError, match="^resume=auto: .* holds no run .* use resume=allow"):
+        resume_checkpoint(cfg, run_dir)  # a mistyped path never trains a new run
+    allow = compose(["resume=allow", "data.tokenizer=byte"])
+    assert resume_checkpoint(allow, run_dir) is None  # nothing there yet: a fresh start (e.g. a first SLURM attempt)
     (run_dir / "metrics.csv").write_text("step\n")
     with pytest.raises(ConfigError, match="holds no checkpoint .* nothing to resume, start a new run"):
         resume_checkpoint(cfg, run_dir)
+    assert resume_checkpoint(allow, run_dir) is None  # stopped before its first checkpoint: started again
     (run_dir / "checkpoints").mkdir()
     (run_dir / "checkpoints" / "last.ckpt").write_text("x")
     assert "resume=auto hydra.run.dir=" in sigterm_message(run_dir)
@@ -411,9 +415,10 @@ def test_an_error_is_printed_once_and_kept_in_the_log_file(tmp_path, capsys):
             root.removeHandler(handler)
             handler.close()
     out, err = capsys.readouterr()
-    assert info.value.code == 2 and err == f"error: data.path='{tmp_path}/none' does not exist\n"
+    assert info.value.code == 2
+    assert err == f"error: data.path='{tmp_path}/none' does not exist (data.source=text: a file or a directory)\n"
     assert "does not exist" not in out and "does not exist" in (tmp_path / "train.log").read_text()
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "run").exists()  # refused before training: no run dir for `olm compare` to list
 
 
 def test_cpu_threads_never_oversubscribe_the_cores(monkeypatch):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -340,7 +341,19 @@ def prepare(input_path, out_dir, *, tokenizer: str | None = None, tokenizer_path
     recipe = Recipe(str(path), fmt, pattern, text_field, val_fraction, shard_tokens, tok.name, tok.identity,
                     dtype.name)
     out = Path(out_dir).expanduser()
+    fresh = not out.exists() or not any(out.iterdir())
     _start_or_resume(out, recipe)
+    try:
+        return _write(out, path, corpus, tok, dtype, recipe, workers, progress)
+    except ValueError:
+        if fresh:  # an input mistake found while writing: the corrected command starts in a clean --out
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write(out: Path, path: Path, corpus, tok, dtype, recipe: Recipe, workers: int | None, progress: bool) -> dict:
+    """The shards of each split, then the manifest (written last: a dataset is finished when it has one)."""
+    val_fraction, shard_tokens = recipe.val_fraction, recipe.shard_tokens
     tok.save(out / "tokenizer")
     if workers is None:  # the cores this process may run on (a container or a job step may have fewer)
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -48,6 +48,20 @@ class OlmLM(TemplateLM):
     ``model`` and ``tokenizer`` pass a live model instead (the in-loop evaluation). ``dtype``: auto (bfloat16 on a
     GPU that has it, float32 otherwise), float32, bfloat16, float16."""
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "OlmLM":
+        """``lm_eval --model olm --model_args ...``: lm-eval adds its own ``--device`` and ``--batch_size`` to the
+        model args; a key given in ``--model_args`` too is the model's own choice and wins (lm-eval's base class
+        would pass it twice, a TypeError)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "OlmLM":
+        from lm_eval import utils
+
+        return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
+
     def __init__(self, path: str | None = None, *, model=None, tokenizer=None, device: str | None = None,
                  batch_size: int | str = 16, dtype: str = "auto", max_length: int | None = None,
                  max_gen_toks: int = 256, **kwargs: Any) -> None:

@@ -161,8 +161,11 @@ def check_machine(cfg: DictConfig) -> None:
     if cfg.data.source in ("text", "bin", "hf_dataset") and cfg.data.path and not Path(cfg.data.path).exists():
         raise ConfigError(f"data.path={str(cfg.data.path)!r} does not exist (data.source={cfg.data.source}: "
                           "a file or a directory)")
+    from olm.train.wandb_logging import check_online
+
+    check_online(cfg.logger)
     if cfg.ckpt_path:
-        from olm.train.checkpoint import load_checkpoint
+        from olm.checkpoint import load_checkpoint
 
         if not Path(cfg.ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r} does not exist")

@@ -300,6 +300,15 @@ def main() -> None:
     if any(a in ("--help", "-h") for a in argv):
         print(help_text())
         return
+    from olm.train.lock import LOCKS
+
+    try:
+        _main(argv)
+    finally:
+        LOCKS.release_all()  # a single run's lock, taken before Hydra started (hold_run_dir)
+
+
+def _main(argv: list[str]) -> None:
     is_child_rank = "LOCAL_RANK" in os.environ and any(a in ("--config-path", "-cp") for a in argv)
     if not is_child_rank and not any(a.split("=")[0] in HYDRA_INFO_FLAGS for a in argv):
         try:

@@ -112,7 +112,7 @@ class RunDirLocks:
     """The run-dir locks this process holds, released on every exit path: by ``release``, else at exit."""
 
     def __init__(self):
-        self.held: dict[Path, tuple[object, bool]] = {}  # run dir -> (lease, whether acquiring created the dir)
+        self.held: dict[Path, tuple[object, list[Path]]] = {}  # run dir -> (lease, the dirs acquiring created)
         atexit.register(self.release_all)
 
     def acquire(self, run_dir: Path, lease_s: float) -> bool:
@@ -121,7 +121,7 @@ class RunDirLocks:
         run_dir = Path(run_dir).resolve()
         if run_dir in self.held:
             return False
-        created = not run_dir.exists()
+        created = _missing_dirs(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK_NAME
         owner = holder(run_dir)
@@ -136,8 +136,7 @@ class RunDirLocks:
             lease.acquire()
         except (Timeout, LeaseSettingsMismatch):
             now = holder(run_dir)
-            if created:
-                _remove_if_empty(run_dir)
+            _remove_if_empty(created)
             raise RunDirLive(self.refusal(run_dir, now or owner)) from None
         if owner is not None:
             print(f"note: {run_dir}: took over the lock of {describe(owner)}, which no longer runs "
@@ -176,20 +175,30 @@ class RunDirLocks:
             lease.release()
         except Exception:  # a lock file removed by hand, a full disk: the run's own outcome matters more
             pass
-        if created:
-            _remove_if_empty(Path(run_dir))
+        _remove_if_empty(created)
 
     def release_all(self) -> None:
         for run_dir in list(self.held):
             self.release(run_dir)
 
 
-def _remove_if_empty(run_dir: Path) -> None:
-    """A refused run leaves nothing: the run dir its lock created goes again if nothing else was written."""
-    try:
-        run_dir.rmdir()
-    except OSError:
-        pass
+def _missing_dirs(run_dir: Path) -> list[Path]:
+    """``run_dir`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_if_empty(created: list[Path]) -> None:
+    """A refused run leaves nothing: the dirs its lock created go again if nothing else was written there."""
+    for path in created:
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 LOCKS = RunDirLocks()

@@ -106,8 +106,10 @@ def write_failed_summary(run_dir: Path, exc: BaseException) -> None:
     try:
         if not run_dir.is_dir() or (run_dir / "summary.json").exists():
             return
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) or is_sigterm(exc) else "failed"
-        error = "stopped by SIGTERM" if is_sigterm(exc) else first_line(exc)
+        # Lightning answers Ctrl-C by calling sys.exit(1) in its KeyboardInterrupt handler
+        ctrl_c = isinstance(exc, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt)
+        status = "interrupted" if ctrl_c or is_sigterm(exc) else "failed"
+        error = "stopped by SIGTERM" if is_sigterm(exc) else "stopped by SIGINT (Ctrl-C)" if ctrl_c else first_line(exc)
         write_json(run_dir / "summary.json", {"status": status, "error": error})
     except Exception:  # e.g. the disk is full: the error itself still reaches stderr
         return

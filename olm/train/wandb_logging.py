@@ -6,18 +6,77 @@ import logging
 import os
 from pathlib import Path
 
-from olm.errors import first_line
+from olm.errors import ConfigError, first_line
 from olm.train.config import LoggerConfig
 
 log = logging.getLogger("olm")
 GIVE_UP_AFTER = 3  # failed W&B calls in a row that mean W&B itself is gone
 
 
+PROBE_S = 3.0  # how long olm waits for W&B's server to answer before a run starts (W&B itself waits ~90 s)
+ENV_MODES = ("online", "offline", "disabled")
+
+
 def resolve_mode(mode: str) -> str:
-    """``logger.mode``: auto is online when WANDB_API_KEY is set, else offline."""
+    """``logger.mode``: auto is W&B's own WANDB_MODE when set, else online when WANDB_API_KEY is set, else
+    offline; an explicit online or offline is the config's."""
     if mode == "auto":
+        env = os.environ.get("WANDB_MODE", "")
+        if env in ENV_MODES:
+            return env
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return mode
+
+
+def _server() -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+
+
+def has_credentials(host: str) -> bool:
+    """A W&B API key: WANDB_API_KEY, or the ~/.netrc entry ``wandb login`` writes."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def unreachable(host: str, port: int) -> str | None:
+    """Why W&B's server cannot be reached within PROBE_S seconds (None when it answers)."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=PROBE_S).close()
+    except OSError as exc:
+        return first_line(exc) or type(exc).__name__
+    return None
+
+
+def check_online(cfg: LoggerConfig) -> None:
+    """``logger.mode=online`` (or WANDB_MODE=online) is honoured or refused before the run dir exists: W&B's key and
+    server are there, or one line says which is missing (W&B would wait about 90 s, then log offline)."""
+    asked = cfg.mode == "online" or (cfg.mode == "auto" and _asked_online())
+    if cfg.name != "wandb" or not asked:
+        return
+    host, port = _server()
+    which = "logger.mode=online" if cfg.mode == "online" else "WANDB_MODE=online"
+    if not has_credentials(host):
+        raise ConfigError(f"{which} needs a W&B API key (WANDB_API_KEY, or `wandb login`); none is set for {host}: "
+                          "set one, or use logger.mode=offline (and `wandb sync` later)")
+    reason = unreachable(host, port)
+    if reason is not None:
+        raise ConfigError(f"{which}: W&B's server {host}:{port} cannot be reached ({reason}, waited {PROBE_S:g} s); "
+                          "use logger.mode=offline (and `wandb sync` later) where there is no network")
+
+
+def _asked_online() -> bool:
+    return os.environ.get("WANDB_MODE") == "online"
 
 
 def _safe_logger_class():
@@ -102,6 +161,12 @@ def make_wandb_logger(cfg: LoggerConfig, name: str, run_dir: Path, resume_run_id
     """
     WandbLogger = _safe_logger_class()
     mode = resolve_mode(cfg.mode)
+    if mode == "online" and cfg.mode == "auto" and not _asked_online():  # online only because a key is set
+        reason = unreachable(*_server())
+        if reason is not None:
+            log.warning("W&B's server cannot be reached (%s, waited %g s); logging offline to %s", reason, PROBE_S,
+                        run_dir / "wandb")
+            mode = "offline"
     kwargs = dict(
         save_dir=str(run_dir),
         project=cfg.project,
