@@ -262,3 +262,21 @@ def test_mup_transfer_table_finds_the_best_lr_per_width_and_seed(tmp_path, capsy
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == "| mup | 64 | 2.250 ± 0.071 | 2.050 ± 0.071 | 0.003 (2/2) |"
     assert lines[3] == "| mup | 512 | 2.025 ± 0.106 | 1.950 ± 0.071 | 0.003 (1/2) |"  # seed 1: 1e-3 wins
+
+
+def test_attention_kinds_script_on_cpu(tmp_path, monkeypatch):
+    import attention_kinds
+
+    out = tmp_path / "kinds.json"
+    monkeypatch.setattr(sys, "argv", ["attention_kinds.py", "--device", "cpu", "--seq-len", "16", "--batch-size", "1",
+                                      "--width", "32", "--heads", "8", "--layers", "6", "--vocab", "64", "--window",
+                                      "4", "--warmup", "0", "--steps", "1", "--repeats", "1", "--mla-dims", "8", "16",
+                                      "4", "4", "8", "--json", str(out)])
+    attention_kinds.main()
+    rows = json.loads(out.read_text())
+    assert list(rows) == ["mha", "gqa (8 kv)", "mqa", "sliding_window 4", "gqa + sinks", "local x5 / global", "mla"]
+    assert all(row["tokens_per_s"] > 0 for row in rows.values())
+    params = {name: row["params"] for name, row in rows.items()}
+    assert params["sliding_window 4"] == params["local x5 / global"] == params["gqa (8 kv)"]
+    assert params["gqa + sinks"] - params["gqa (8 kv)"] == 6 * 8  # one sink logit per head and layer
+    assert params["mqa"] < params["mha"]
