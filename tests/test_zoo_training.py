@@ -1,5 +1,6 @@
-"""Every 2025 family's ``_tiny`` preset trains through olm-train's own path: the loss falls, and a run stopped and
-resumed from its checkpoint gives the same per-step losses bit for bit (MoE routing and balancing biases included)."""
+"""Every 2025 family's ``_tiny`` preset trains through olm-train's own path: the loss falls; for the MoE families a run
+stopped and resumed from its checkpoint gives the same per-step losses bit for bit (routing and balancing biases
+included)."""
 
 import pytest
 import torch
@@ -9,6 +10,10 @@ from olm.nn import LM
 from test_train import cache_dir, read_metrics, run, train_losses  # noqa: F401  (cache_dir is a fixture)
 from test_zoo import NEW_FAMILIES
 
+# The families whose blocks keep state beyond their parameters and optimizer (routing, DeepSeek's balance bias) or
+# route tokens: resumed bit for bit here. Dense blocks resume through the same checkpoint path as every other model
+# (tests/test_train.py, tests/test_optimizers.py).
+STATEFUL = ("qwen3_moe", "gpt_oss", "deepseek_v3")
 COMMON = ["trainer.val_check_interval=3", "logger=none", "sample.max_new_tokens=0", "optim.lr=1e-2",
           "data.val_batches=1", "data.batch_size=4"]
 
@@ -18,12 +23,14 @@ COMMON = ["trainer.val_check_interval=3", "logger=none", "sample.max_new_tokens=
 def test_tiny_preset_learns_and_resumes_bit_for_bit(family, tmp_path, cache_dir):  # noqa: F811
     model = [f"model={family}_tiny"]
     full, _ = run(tmp_path, cache_dir, [*model, *COMMON, "trainer.max_steps=6"], name="full")
-    run(tmp_path, cache_dir, [*model, *COMMON, "trainer.max_steps=3", "scheduler.total_steps=6", "export=false"],
-        name="part")
-    resumed, _ = run(tmp_path, cache_dir, [*model, *COMMON, "trainer.max_steps=6", "resume=auto", "export=false"],
-                     name="part")
-    expected, got = train_losses(full), train_losses(resumed)
-    assert len(expected) == 6 and got == expected  # steps 1-3 before the stop, 4-6 after the resume: equal floats
+    expected = train_losses(full)
+    if family in STATEFUL:
+        run(tmp_path, cache_dir, [*model, *COMMON, "trainer.max_steps=3", "scheduler.total_steps=6", "export=false"],
+            name="part")
+        resumed, _ = run(tmp_path, cache_dir, [*model, *COMMON, "trainer.max_steps=6", "resume=auto",
+                                              "export=false"], name="part")
+        # steps 1-3 before the stop, 4-6 after the resume: equal floats
+        assert len(expected) == 6 and train_losses(resumed) == expected
     losses = list(expected.values())
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3  # it learned
     trained = LM.load(full / "model")
