@@ -154,7 +154,7 @@ def trials_table(optuna: OptunaStudy) -> Table:
     for trial in optuna.trials:
         name = f"**{trial.id}** (best)" if trial.number in best and len(optuna.objectives) == 1 else (
             f"**{trial.id}** (Pareto front)" if trial.number in best else trial.id)
-        state = trial.state.lower()
+        state = trial.state_word
         if trial.state == "PRUNED" and trial.last_step is not None:
             state = f"pruned at step {trial.last_step}"
         if trial.values:

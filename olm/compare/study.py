@@ -536,8 +536,7 @@ def analyse(runs: list[Run], options: Options) -> list[Study]:
 
 def optuna_headline(optuna: trials.OptunaStudy) -> list[str]:
     """The best trial (or the Pareto front) and its parameters, then what the trials came to."""
-    counts = ", ".join(f"{optuna.count(state)} {state.lower()}" for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
-                       if optuna.count(state))
+    counts = ", ".join(f"{optuna.count(state)} {word}" for state, word in trials.WORDS.items() if optuna.count(state))
     tally = f"{len(optuna.trials)} trials ({counts})"
     if not optuna.best:
         return [f"No trial has completed yet: {tally}."]
