@@ -19,11 +19,14 @@ X_AXES = {"steps": "optimizer steps", "tokens": "tokens seen", "flops": "trainin
 MAX_CURVES = 10
 
 
-def colours(study: Study) -> dict[int, tuple]:
+def colours(study: Study, variants: list[Variant] | None = None) -> dict[int, tuple]:
+    """A colour per variant (of ``variants``, all by default), never grey: grey draws the runs that did not finish."""
     from matplotlib import colormaps
 
-    palette = colormaps["tab10" if len(study.variants) <= 10 else "tab20"]
-    return {id(v): palette(i % palette.N) for i, v in enumerate(study.variants)}
+    variants = study.variants if variants is None else variants
+    name, greys = ("tab10", {7}) if len(variants) <= 9 else ("tab20", {14, 15})
+    palette = [colormaps[name](i) for i in range(colormaps[name].N) if i not in greys]
+    return {id(v): palette[i % len(palette)] for i, v in enumerate(variants)}
 
 
 def shown_variants(study: Study, cap: int = MAX_CURVES) -> list[Variant]:
@@ -75,7 +78,8 @@ def plot_curves(study: Study, curve: str, x: str, path: Path) -> bool:
     rung = study.rungs[-1] if study.rungs else None
     unfinished = [v for v in study.variants if not v.finished(rung)]
     shown = [v for v in shown_variants(study) if v not in unfinished]
-    colour = colours(study)
+    # an Optuna study's trials appear in its curves only: colours for the trials drawn keep them apart
+    colour = colours(study, shown) if study.optuna else colours(study)
     best = _best_ids(study)
     fig = _figure()
     ax = fig.add_subplot()
@@ -98,7 +102,7 @@ def plot_curves(study: Study, curve: str, x: str, path: Path) -> bool:
         xs, mean = band[0], band[1]
         ax.plot(xs, mean, color="grey", linestyle="--", linewidth=1.0, alpha=0.8)
         ax.plot(xs[-1:], mean[-1:], "x", color="grey", markersize=7, markeredgewidth=1.6)
-        if len(unfinished) <= MAX_CURVES:
+        if len(unfinished) <= 3:  # more would crowd: the trials table and trials.png name them
             ax.annotate(variant.label, (xs[-1], mean[-1]), xytext=(4, 4), textcoords="offset points", fontsize=7,
                         color="dimgrey")
         statuses |= {r.status for r in variant.runs}
@@ -118,7 +122,7 @@ def plot_curves(study: Study, curve: str, x: str, path: Path) -> bool:
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
     hidden = len(study.variants) - len(shown) - len(unfinished)
-    title = f"{hidden} more variants not drawn" if hidden else None
+    title = f"{hidden} more {'trials' if study.optuna else 'variants'} not drawn" if hidden else None
     fig.legend(loc="outside right upper", fontsize=8, title=title, title_fontsize=8)
     fig.savefig(path, dpi=110)
     return True

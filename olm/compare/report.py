@@ -13,8 +13,8 @@ from typing import Any
 
 from olm.compare import plots, stats
 from olm.compare.runs import Run, load_runs
-from olm.compare.study import (LONG_LABEL, MetricTable, Options, Study, analyse, legend_table, lower_is_better, overrides,
-                               rung_of, study_dir_name, units)
+from olm.compare.study import (LONG_LABEL, MetricTable, Options, Study, analyse, legend_table, lower_is_better,
+                               overrides, rung_of, study_dir_name, units)
 from olm.compare.trials import OptunaStudy
 from olm.errors import ConfigError
 
@@ -449,7 +449,8 @@ def run_records(study: Study) -> list[dict[str, Any]]:
     for variant in study.variants:
         for run in variant.runs:
             record = {"study": study.name, "variant": variant.label, "id": variant.id, "run": run.label,
-                      "seed": run.seed, "size": rung_of(run), "status": run.status, "error": run.error, "path": str(run.path)}
+                      "seed": run.seed, "size": rung_of(run), "status": run.status, "error": run.error,
+                      "path": str(run.path)}
             for metric in study.metrics:
                 record[metric] = run.metric(metric)
             record["last_val_loss"] = run.last_logged()

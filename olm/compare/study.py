@@ -213,7 +213,8 @@ def _name_by_ids(study: Study) -> None:
     """Short ids for every variant; an Optuna study's trials, and variants with a long description, go by them."""
     for i, variant in enumerate(study.variants):
         variant.id = f"t{variant.trial}" if variant.trial is not None else f"v{i + 1}"
-    study.legend = any(v.trial is not None for v in study.variants) or any(len(v.description) > LONG_LABEL for v in study.variants)
+    long = any(len(v.description) > LONG_LABEL for v in study.variants)
+    study.legend = long or any(v.trial is not None for v in study.variants)
     if study.legend:
         for variant in study.variants:
             variant.label = variant.id
@@ -246,7 +247,8 @@ def group(runs: list[Run]) -> list[Study]:
         optuna = trials.identity(study.runs) is not None
         for run in study.runs:
             key = _variant_key(run, rung_keys)
-            trial = trials.trial_number(run) if optuna else None  # each trial is its own variant, params repeated or not
+            # each trial is its own variant, whether or not another trial drew the same parameters
+            trial = trials.trial_number(run) if optuna else None
             variants.setdefault((key, trial), Variant(key, trial=trial)).runs.append(run)
         study.variants = list(variants.values())
         study.swept = _labels(study.variants)
