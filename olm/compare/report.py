@@ -358,11 +358,11 @@ def _study_section(study: Study, studies: list[Study], out: Path, x: str):
                    "bootstrap over each size's seeds (docs/experiments.md, \"Scaling ladders\").", "",
                    _md(tables[-1][1]), ""]
     md += [line for line in study.notes] + [""]
+    values = (("trials.png", f"{optuna.objectives[0]} of each trial", lambda p: plots.plot_trials(study, p))
+              if optuna else  # one run per trial: the trials in the order they ran, not points with intervals
+              ("final.png", f"final {study.metric} by variant", lambda p: plots.plot_final(study, study.metric, p)))
     for name, caption, draw in (
-        ("trials.png", f"{optuna.objectives[0]} of each trial" if optuna else "",
-         lambda p: plots.plot_trials(study, p)),
-        ("final.png", f"final {study.metric} by variant", lambda p: optuna is None and
-         plots.plot_final(study, study.metric, p)),
+        values,
         ("val_loss.png", f"val loss against {plots.X_AXES[x]}", lambda p: plots.plot_curves(study, "val/loss", x, p)),
         ("train_loss.png", f"train loss against {plots.X_AXES[x]}",
          lambda p: plots.plot_curves(study, "train/loss", x, p)),
