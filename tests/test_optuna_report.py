@@ -58,7 +58,7 @@ def plant_sweep(root: Path, n_trials: int = 20, *, pruned=PRUNED, failed=FAILED,
             for step, value in zip((10, 20, 30), curve):
                 trial.report(value, step)
             study.tell(trial, loss)
-            make_run(root / str(trial.number), job, loss, curve=curve, config=sweep)
+            make_run(root / str(trial.number), job, loss, curve=curve, config=sweep, extra={"steps": 30})
     (root / "multirun.yaml").write_text(json.dumps({"hydra": {"sweeper": SWEEPER}}))
     return root
 
@@ -202,6 +202,7 @@ def test_without_its_storage_the_trials_come_from_the_run_dirs(tmp_path):
         "PRUNED" if i in PRUNED else "FAIL" if i in FAILED else "COMPLETE" for i in range(8)]
     assert record["optuna"]["best"][0]["id"] == f"t{best.number}"
     assert f"Best trial: **t{best.number}**, val_loss {best.value:.4f}" in text
+    assert f"| **t{best.number}** (best) | complete | {best.value:.4f} | 30 | {best.params['optim.lr']:.4g} |" in text
     assert "cannot be read: the trials come from their run dirs, and parameter importances need the storage" in text
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from olm.compare import plots, stats
 from olm.compare.runs import Run, load_runs
-from olm.compare.study import (LONG_LABEL, MetricTable, Options, Study, analyse, legend_table, lower_is_better,
-                               overrides, rung_of, study_dir_name, units)
+from olm.compare.study import (LONG_LABEL, MetricTable, Options, Study, analyse, fmt_value, legend_table,
+                               lower_is_better, overrides, rung_of, study_dir_name, units)
 from olm.compare.trials import OptunaStudy
 from olm.errors import ConfigError
 
@@ -141,7 +141,7 @@ def _value(value: Any) -> str:
     """A parameter's value for a table: long floats to 4 significant digits (JSON and CSV keep every digit)."""
     if isinstance(value, float):
         return f"{value:.4g}"
-    return "—" if value is None else str(value)
+    return fmt_value(None if value is None else str(value))  # an override's text, from a run dir
 
 
 def trials_table(optuna: OptunaStudy) -> Table:

@@ -204,7 +204,7 @@ def _labels(variants: list[Variant]) -> list[str]:
     names = shorts if len(set(shorts)) == len(shorts) else swept
     for variant in variants:
         given = dict(variant.key)
-        parts = [f"{name}={_fmt_value(given.get(k))}" for name, k in zip(names, swept)]
+        parts = [f"{name}={fmt_value(given.get(k))}" for name, k in zip(names, swept)]
         variant.description = variant.label = ", ".join(parts) or "all runs"
     return swept
 
@@ -222,11 +222,11 @@ def _name_by_ids(study: Study) -> None:
 
 def legend_table(study: Study) -> tuple[list[str], list[list[str]]]:
     """(header, rows): each variant's id and its value of every swept key."""
-    rows = [[v.id, *[_fmt_value(dict(v.key).get(k)) for k in study.swept]] for v in study.variants]
+    rows = [[v.id, *[fmt_value(dict(v.key).get(k)) for k in study.swept]] for v in study.variants]
     return ["id", *study.swept], rows
 
 
-def _fmt_value(value: str | None) -> str:
+def fmt_value(value: str | None) -> str:
     if value is None:
         return "—"
     try:
@@ -517,8 +517,6 @@ def analyse(runs: list[Run], options: Options) -> list[Study]:
         for metric in study.metrics:
             study.tables[metric] = metric_table(study, metric, options, top)
         study.notes.extend(fairness_notes(study))
-        if study.optuna is not None:  # one run per trial: the search's best, not a variant tested against the others
-            study.tables[study.metric].best_note = " ".join(study.headline)
         if study.rungs:
             ladder_tables(study, options)
     if options.baseline is not None and len(studies) > 1 and not any(matches(s, options.baseline) for s in studies):
@@ -540,8 +538,9 @@ def optuna_headline(optuna: trials.OptunaStudy) -> list[str]:
     """The best trial (or the Pareto front) and its parameters, then what the trials came to."""
     counts = ", ".join(f"{optuna.count(state)} {word}" for state, word in trials.WORDS.items() if optuna.count(state))
     tally = f"{len(optuna.trials)} trials ({counts})"
-    if not optuna.best:
-        return [f"No trial has completed yet: {tally}."]
+    if not optuna.best:  # the run dirs alone (no storage) give no Pareto front
+        return [f"No trial has completed yet: {tally}." if not optuna.count("COMPLETE") else
+                f"{tally}; the Pareto front needs the study's storage."]
     if len(optuna.objectives) == 1:
         best, = optuna.best
         metric = optuna.objectives[0]
