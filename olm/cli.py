@@ -111,6 +111,8 @@ def _compare_lines(study) -> str:
     from olm.compare.report import _p
 
     lines = [f"== {study.name}: {len(study.runs)} runs, {len(study.variants)} variants, metric {study.metric}"]
+    if study.optuna is not None:  # one run per trial: the best trial says it, the report tables every trial
+        return "\n".join(lines + [f"   {line.replace('**', '').replace('`', '')}" for line in study.headline])
     table = study.tables.get(study.metric)
     if table is None:
         return "\n".join(lines + ["   no finished run"])

@@ -1,7 +1,8 @@
 """``olm compare``: runs -> studies and variants -> statistics over seeds -> ladder fits -> report.
 
-Reads run dirs only (no torch): ``runs`` loads them, ``study`` groups them and decides (``stats``, ``ladder``),
-``plots`` draws and ``report`` writes report.md, report.html, CSV and JSON. docs/experiments.md explains the output.
+Reads run dirs only (no torch): ``runs`` loads them, ``study`` groups them and decides (``stats``, ``ladder``;
+``trials`` reads an Optuna sweep's study), ``plots`` draws and ``report`` writes report.md, report.html, CSV and
+JSON. docs/experiments.md explains the output.
 """
 
 from olm.compare.report import write_report

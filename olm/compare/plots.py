@@ -2,7 +2,9 @@
 
 One colour per variant, the same in every figure of a study; legends outside the data; titles name the study and
 the metric; axes carry units. Curves are the mean over a variant's seeds with a band of +-1 standard deviation;
-final metrics are points with 95% intervals, never lines through categories.
+final metrics are points with 95% intervals, never lines through categories. Variants with no finished run (pruned,
+failed, killed) are drawn grey and dashed, ending in a cross. Figures have a fixed size: long variant names are
+replaced by short ids (the report's legend table), so that no name can squeeze the axes.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ X_AXES = {"steps": "optimizer steps", "tokens": "tokens seen", "flops": "trainin
 MAX_CURVES = 10
 
 
-def colours(study: Study) -> dict[int, tuple]:
+def colours(study: Study, variants: list[Variant] | None = None) -> dict[int, tuple]:
+    """A colour per variant (of ``variants``, all by default), never grey: grey draws the runs that did not finish."""
     from matplotlib import colormaps
 
-    palette = colormaps["tab10" if len(study.variants) <= 10 else "tab20"]
-    return {id(v): palette(i % palette.N) for i, v in enumerate(study.variants)}
+    variants = study.variants if variants is None else variants
+    name, greys = ("tab10", {7}) if len(variants) <= 9 else ("tab20", {14, 15})
+    palette = [colormaps[name](i) for i in range(colormaps[name].N) if i not in greys]
+    return {id(v): palette[i % len(palette)] for i, v in enumerate(variants)}
 
 
 def shown_variants(study: Study, cap: int = MAX_CURVES) -> list[Variant]:
@@ -64,11 +69,18 @@ def curve_band(variant: Variant, curve: str, x: str, rung: str | None):
     return xs, values.mean(axis=0), std, len(runs)
 
 
+def _best_ids(study: Study) -> set[str]:
+    return {t.id for t in study.optuna.best} if study.optuna else set()
+
+
 def plot_curves(study: Study, curve: str, x: str, path: Path) -> bool:
     """Mean curve per variant with its seed band; False (nothing written) when no run logged the curve."""
-    shown = shown_variants(study)
-    colour = colours(study)
     rung = study.rungs[-1] if study.rungs else None
+    unfinished = [v for v in study.variants if not v.finished(rung)]
+    shown = [v for v in shown_variants(study) if v not in unfinished]
+    # an Optuna study's trials appear in its curves only: colours for the trials drawn keep them apart
+    colour = colours(study, shown) if study.optuna else colours(study)
+    best = _best_ids(study)
     fig = _figure()
     ax = fig.add_subplot()
     drawn = False
@@ -77,23 +89,40 @@ def plot_curves(study: Study, curve: str, x: str, path: Path) -> bool:
         if band is None:
             continue
         xs, mean, std, n = band
-        ax.plot(xs, mean, color=colour[id(variant)], label=f"{variant.label} (n={n})", linewidth=1.6)
+        label = variant.label + (" (best)" if variant.id in best else "" if study.optuna else f" (n={n})")
+        ax.plot(xs, mean, color=colour[id(variant)], label=label, linewidth=2.2 if variant.id in best else 1.6)
         if std is not None:
             ax.fill_between(xs, mean - std, mean + std, color=colour[id(variant)], alpha=0.2, linewidth=0)
         drawn = True
+    statuses = set()
+    for variant in unfinished:  # where a pruned trial stopped is the point: drawn, in one style, one legend entry
+        band = curve_band(variant, curve, x, rung)
+        if band is None:
+            continue
+        xs, mean = band[0], band[1]
+        ax.plot(xs, mean, color="grey", linestyle="--", linewidth=1.0, alpha=0.8)
+        ax.plot(xs[-1:], mean[-1:], "x", color="grey", markersize=7, markeredgewidth=1.6)
+        if len(unfinished) <= 3:  # more would crowd: the trials table and trials.png name them
+            ax.annotate(variant.label, (xs[-1], mean[-1]), xytext=(4, 4), textcoords="offset points", fontsize=7,
+                        color="dimgrey")
+        statuses |= {r.status for r in variant.runs}
+        drawn = True
     if not drawn:
         return False
+    if statuses:
+        ax.plot([], [], color="grey", linestyle="--", marker="x",
+                label=" or ".join(sorted(statuses)) + " (x: where it stopped)")
     what = "train loss" if curve.startswith("train") else "val loss"
     size = f", size {rung}" if rung else ""
     fig.suptitle(f"{study.name}: {what}{size}")
-    ax.set_title("mean over seeds, band: +-1 standard deviation", fontsize=9)
+    ax.set_title("one run per trial" if study.optuna else "mean over seeds, band: +-1 standard deviation", fontsize=9)
     ax.set_xlabel(X_AXES[x])
     ax.set_ylabel(f"{what} (nats/token)")
     if x == "flops":
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
-    hidden = len(study.variants) - len(shown)
-    title = f"{hidden} more variants not drawn" if hidden else None
+    hidden = len(study.variants) - len(shown) - len(unfinished)
+    title = f"{hidden} more {'trials' if study.optuna else 'variants'} not drawn" if hidden else None
     fig.legend(loc="outside right upper", fontsize=8, title=title, title_fontsize=8)
     fig.savefig(path, dpi=110)
     return True
@@ -146,8 +175,9 @@ def plot_final(study: Study, metric: str, path: Path, cap: int = 30) -> bool:
             ax.set_xticks(distinct, [f"{v:.4g}" for v in distinct], fontsize=8)
             ax.xaxis.set_minor_locator(_null_locator())
     else:
-        ax.set_xticks(range(len(rows)), [r.variant.label for r in rows], rotation=30 if len(rows) > 3 else 0,
-                      ha="right" if len(rows) > 3 else "center", fontsize=8)
+        tilt = len(rows) > 3 and max(len(r.variant.label) for r in rows) > 4  # ids (v1, v2) stand upright
+        ax.set_xticks(range(len(rows)), [r.variant.label for r in rows], rotation=30 if tilt else 0,
+                      ha="right" if tilt else "center", fontsize=8)
         ax.set_xlim(-0.5, len(rows) - 0.5)
         ax.set_xlabel("variant")
     unit = units(metric)
@@ -155,6 +185,49 @@ def plot_final(study: Study, metric: str, path: Path, cap: int = 30) -> bool:
     size = f", size {table.rung}" if table.rung else ""
     fig.suptitle(f"{study.name}: final {metric}{size}")
     ax.set_title("mean with 95% interval; small dots: the seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=8)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def plot_trials(study: Study, path: Path) -> bool:
+    """An Optuna study's trials in the order they ran: each complete trial's value with the best so far as a step
+    line, pruned trials (a cross at the last value they reported) and failed ones (a mark on the bottom axis)."""
+    optuna = study.optuna
+    if optuna is None or not optuna.trials:
+        return False
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    metric = optuna.objectives[0]
+    minimize = optuna.directions[0] == "minimize"
+    fig = _figure()
+    ax = fig.add_subplot()
+    complete = [t for t in optuna.trials if t.values]
+    if complete:
+        numbers, values = [t.number for t in complete], [t.values[0] for t in complete]
+        ax.plot(numbers, values, "o", color="tab:blue", markersize=6, label="complete")
+        running = np.minimum.accumulate(values) if minimize else np.maximum.accumulate(values)
+        ax.step(numbers, running, where="post", color="tab:blue", alpha=0.5, linewidth=1.2, label="best so far")
+    pruned = [t for t in optuna.trials if t.state == "PRUNED" and t.last_reported is not None]
+    if pruned:
+        ax.plot([t.number for t in pruned], [t.last_reported for t in pruned], "x", color="tab:orange", markersize=8,
+                markeredgewidth=2, label="pruned (its last value)")
+    failed = [t for t in optuna.trials if t.state == "FAIL"]
+    if failed:
+        ax.plot([t.number for t in failed], [0.0] * len(failed), "v", color="tab:red", markersize=7, clip_on=False,
+                transform=ax.get_xaxis_transform(), label="failed (no value)")
+    for best in optuna.best if len(optuna.objectives) == 1 else ():
+        ax.plot([best.number], [best.values[0]], "*", color="tab:green", markersize=15, zorder=3,
+                label=f"best: {best.id}")
+    ax.set_xlim(-0.5, max(t.number for t in optuna.trials) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(20, len(optuna.trials))))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"t{int(value)}"))
+    ax.set_xlabel("trial, in the order it was proposed")
+    unit = units(metric)
+    ax.set_ylabel(metric + (f" ({unit})" if unit else ""))
+    fig.suptitle(f"{study.name}: {metric} of each trial")
+    ax.set_title(f"Optuna study {optuna.name}; {'lower' if minimize else 'higher'} is better", fontsize=9)
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=8)
     fig.savefig(path, dpi=110)

@@ -13,8 +13,9 @@ from typing import Any
 
 from olm.compare import plots, stats
 from olm.compare.runs import Run, load_runs
-from olm.compare.study import (MetricTable, Options, Study, analyse, lower_is_better, rung_of, study_dir_name,
-                               units)
+from olm.compare.study import (LONG_LABEL, MetricTable, Options, Study, analyse, fmt_value, legend_table,
+                               lower_is_better, overrides, rung_of, study_dir_name, units)
+from olm.compare.trials import OptunaStudy
 from olm.errors import ConfigError
 
 Table = tuple[list[str], list[list[str]]]  # header, rows of cells (markdown; ** marks bold)
@@ -68,7 +69,7 @@ def metrics_table(study: Study) -> Table:
     header = ["variant", *[f"{m} ({units(m)})" if units(m) else m for m in metrics]]
     rows = []
     for i, variant in enumerate(study.variants):
-        cells = [variant.label + (" (baseline)" if variant is study.baseline else "")]
+        cells = [variant.label + (" (baseline)" if variant is study.baseline and study.optuna is None else "")]
         for metric in metrics:
             row = study.tables[metric].rows[i]
             if row.summary is None:
@@ -134,6 +135,59 @@ def rung_table(study: Study) -> Table:
                          + f" (n={d.n}{flops})")
         rows.append(cells)
     return header, rows
+
+
+def _value(value: Any) -> str:
+    """A parameter's value for a table: long floats to 4 significant digits (JSON and CSV keep every digit)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return fmt_value(None if value is None else str(value))  # an override's text, from a run dir
+
+
+def trials_table(optuna: OptunaStudy) -> Table:
+    """Every trial of an Optuna study, in the order it ran: its id (the report's name for it), state, value(s),
+    the step it last reported at, and its parameters."""
+    params = optuna.params
+    best = {t.number for t in optuna.best}
+    header = ["trial", "state", *optuna.objectives, "last reported step", *params, "run"]
+    rows = []
+    for trial in optuna.trials:
+        name = f"**{trial.id}** (best)" if trial.number in best and len(optuna.objectives) == 1 else (
+            f"**{trial.id}** (Pareto front)" if trial.number in best else trial.id)
+        state = trial.state_word
+        if trial.state == "PRUNED" and trial.last_step is not None:
+            state = f"pruned at step {trial.last_step}"
+        if trial.values:
+            values = [_fmt(v) for v in trial.values]
+        elif trial.last_reported is not None and len(optuna.objectives) == 1:
+            values = [f"({_fmt(trial.last_reported)} last reported)"]
+        else:
+            values = ["—"] * len(optuna.objectives)
+        rows.append([name, state, *values, str(trial.last_step) if trial.last_step is not None else "—",
+                     *[_value(trial.params.get(k)) for k in params], trial.run.label if trial.run else "—"])
+    return header, rows
+
+
+def importance_table(optuna: OptunaStudy) -> Table:
+    objectives = list(optuna.importances)
+    first = optuna.importances[objectives[0]]
+    best = optuna.best[0] if len(optuna.best) == 1 else None
+    header = ["parameter", *[f"importance for {o}" if len(objectives) > 1 else "importance" for o in objectives],
+              *(["best trial's value"] if best else [])]
+    rows = [[name, *[_fmt(optuna.importances[o].get(name), ".3f") for o in objectives],
+             *([_value(best.params.get(name))] if best else [])]
+            for name in sorted(first, key=lambda k: -first[k])]
+    return header, rows
+
+
+def _optuna_line(study: Study) -> str:
+    optuna = study.optuna
+    how = ", ".join(part for part in (f"sampler {optuna.sampler}" if optuna.sampler else "",
+                                      f"pruner {optuna.pruner}" if optuna.pruner else "") if part)
+    goal = ", ".join(f"{d} {o}" for o, d in zip(optuna.objectives, optuna.directions))
+    where = f" in `{optuna.storage}`" if optuna.storage else ""
+    return (f"Optuna study `{optuna.name}`{where} ({how + '; ' if how else ''}{goal}). Each trial is one run, named "
+            "by its trial number in the tables and figures (`t3`: trial 3, job dir `3`).")
 
 
 def runs_table(study: Study) -> Table:
@@ -257,23 +311,43 @@ def _study_section(study: Study, studies: list[Study], out: Path, x: str):
     where.mkdir(parents=True, exist_ok=True)
     prefix = "" if where == out else f"{where.name}/"
     md: list[str] = [f"## {study.name}", ""]
+    lead = list(study.headline)  # paragraphs before any table: the best trial first
     if study.question:
-        md += [f"*Question:* {study.question}", ""]
+        lead.append(f"*Question:* {study.question}")
     finished = sum(r.finished for r in study.runs)
-    md += [f"{len(study.runs)} runs, {finished} finished, in {len(study.variants)} variants"
-           + (f" at {len(study.rungs)} sizes ({', '.join(study.rungs)})" if study.rungs else "") + ".", ""]
+    lead.append(f"{len(study.runs)} runs, {finished} finished, in {len(study.variants)} variants"
+                + (f" at {len(study.rungs)} sizes ({', '.join(study.rungs)})" if study.rungs else "") + ".")
+    optuna = study.optuna
+    if optuna is not None:
+        lead += [_optuna_line(study), *([optuna.storage_note] if optuna.storage_note else [])]
+    elif study.legend:
+        lead.append(f"Variants go by ids (their names run past {LONG_LABEL} characters); the table below gives "
+                    "each id's values.")
+    md += [line for paragraph in lead for line in (paragraph, "")]
     figures: list[tuple[str, str]] = []  # (file name inside the report, caption)
     written: list[Path] = []
     tables: list[tuple[str, Table]] = []
+    if optuna is not None:
+        tables.append(("Trials", trials_table(optuna)))
+        md += ["### Trials", "", _md(tables[-1][1]), ""]
+        md += ["### Parameter importance", "", optuna.importance_note, ""]
+        if optuna.importances:
+            tables.append(("Parameter importance", importance_table(optuna)))
+            md += [_md(tables[-1][1]), ""]
+    elif study.legend:
+        tables.append(("Variants", legend_table(study)))
+        md += ["### Variants", "", _md(tables[-1][1]), ""]
     table = study.tables.get(study.metric)
     if table is not None:
-        md += [_verdict_line(study), ""]
-        tables.append((f"{study.metric} by variant", primary_table(study, table)))
-        md += [f"### {study.metric} by variant" + (f" (size {table.rung})" if table.rung else ""), "",
-               _md(tables[-1][1]), "", _noise_line(study), ""]
+        if optuna is None:  # one run per trial: no intervals, no verdicts; the trials table holds the values
+            md += [_verdict_line(study), ""]
+            tables.append((f"{study.metric} by variant", primary_table(study, table)))
+            md += [f"### {study.metric} by variant" + (f" (size {table.rung})" if table.rung else ""), "",
+                   _md(tables[-1][1]), "", _noise_line(study), ""]
         if len(study.tables) > 1:
             tables.append(("Every logged metric", metrics_table(study)))
-            md += ["### Every logged metric (mean ± 95% CI half-width; verdict against the baseline)", "",
+            md += ["### Every logged metric" + ("" if optuna else " (mean ± 95% CI half-width; verdict against the "
+                                                    "baseline)"), "",
                    _md(tables[-1][1]), ""]
     if study.rungs:
         tables.append(("Sizes", rung_table(study)))
@@ -284,8 +358,11 @@ def _study_section(study: Study, studies: list[Study], out: Path, x: str):
                    "bootstrap over each size's seeds (docs/experiments.md, \"Scaling ladders\").", "",
                    _md(tables[-1][1]), ""]
     md += [line for line in study.notes] + [""]
+    values = (("trials.png", f"{optuna.objectives[0]} of each trial", lambda p: plots.plot_trials(study, p))
+              if optuna else  # one run per trial: the trials in the order they ran, not points with intervals
+              ("final.png", f"final {study.metric} by variant", lambda p: plots.plot_final(study, study.metric, p)))
     for name, caption, draw in (
-        ("final.png", f"final {study.metric} by variant", lambda p: plots.plot_final(study, study.metric, p)),
+        values,
         ("val_loss.png", f"val loss against {plots.X_AXES[x]}", lambda p: plots.plot_curves(study, "val/loss", x, p)),
         ("train_loss.png", f"train loss against {plots.X_AXES[x]}",
          lambda p: plots.plot_curves(study, "train/loss", x, p)),
@@ -303,9 +380,10 @@ def _study_section(study: Study, studies: list[Study], out: Path, x: str):
     tables.append(("Runs", runs_table(study)))
     md += ["### Runs", "", _md(tables[-1][1]), ""]
     section_html = [f"<h2 id=\"{_anchor(study.name)}\">{html.escape(study.name)}</h2>"]
-    if study.question:
-        section_html.append(f"<p><i>Question:</i> {html.escape(study.question)}</p>")
-    if table is not None:
+    section_html += [f"<p>{_bold(paragraph).replace('*Question:*', '<i>Question:</i>')}</p>" for paragraph in lead]
+    if optuna is not None:
+        section_html.append(f"<p>{_bold(optuna.importance_note)}</p>")
+    elif table is not None:
         section_html.append(f"<p>{_bold(_verdict_line(study))}</p><p>{html.escape(_noise_line(study))}</p>")
     for title, t in tables:
         section_html += [f"<h3>{html.escape(title)}</h3>", _html_table(t)]
@@ -354,6 +432,7 @@ def variant_records(study: Study) -> list[dict[str, Any]]:
             s, d = row.summary, row.diff
             records.append({
                 "study": study.name, "metric": metric, "size": table.rung, "variant": row.variant.label,
+                "id": row.variant.id, "description": row.variant.description,
                 "baseline": row.variant is study.baseline, "n": s.n if s else 0, "mean": s.mean if s else None,
                 "std": s.std if s else None, "ci_low": s.low if s else None, "ci_high": s.high if s else None,
                 "diff": d.diff if d else None, "diff_low": d.low if d else None, "diff_high": d.high if d else None,
@@ -369,8 +448,9 @@ def run_records(study: Study) -> list[dict[str, Any]]:
     records = []
     for variant in study.variants:
         for run in variant.runs:
-            record = {"study": study.name, "variant": variant.label, "run": run.label, "seed": run.seed,
-                      "size": rung_of(run), "status": run.status, "error": run.error, "path": str(run.path)}
+            record = {"study": study.name, "variant": variant.label, "id": variant.id, "run": run.label,
+                      "seed": run.seed, "size": rung_of(run), "status": run.status, "error": run.error,
+                      "path": str(run.path)}
             for metric in study.metrics:
                 record[metric] = run.metric(metric)
             record["last_val_loss"] = run.last_logged()
@@ -406,6 +486,19 @@ def ladder_records(study: Study) -> list[dict[str, Any]]:
     return records
 
 
+def optuna_record(optuna: OptunaStudy) -> dict[str, Any]:
+    return {
+        "study_name": optuna.name, "storage": optuna.storage, "objectives": optuna.objectives,
+        "directions": optuna.directions, "sampler": optuna.sampler, "pruner": optuna.pruner,
+        "best": [{"id": t.id, "trial": t.number, "values": t.values, "params": t.params,
+                  "overrides": overrides(t.params)} for t in optuna.best],
+        "importances": optuna.importances, "importance_note": optuna.importance_note,
+        "trials": [{"id": t.id, "trial": t.number, "state": t.state, "values": t.values, "params": t.params,
+                    "last_step": t.last_step, "last_reported": t.last_reported,
+                    "run": str(t.run.path) if t.run else None} for t in optuna.trials],
+    }
+
+
 def _write_csv(path: Path, records: list[dict[str, Any]]) -> None:
     fields = list(dict.fromkeys(k for r in records for k in r))
     with open(path, "w", newline="") as f:
@@ -427,6 +520,8 @@ def _write_data(studies: list[Study], out: Path) -> list[Path]:
         "name": s.name, "question": s.question, "metric": s.metric, "baseline": s.baseline.label if s.baseline else None,
         "swept": s.swept, "sizes": s.rungs, "notes": s.notes,
         "best": s.tables[s.metric].best.label if s.metric in s.tables and s.tables[s.metric].best else None,
+        "legend": {v.id: dict(v.key) for v in s.variants},
+        "optuna": optuna_record(s.optuna) if s.optuna else None,
         "variants": variant_records(s), "runs": run_records(s), "ladder": ladder_records(s),
     } for s in studies]}
     (out / "report.json").write_text(json.dumps(_clean(document), indent=2) + "\n")

@@ -146,18 +146,20 @@ def _parse_float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def read_curves(path: Path, flops_per_token: float | None = None) -> dict[str, list[Point]]:
+def read_curves(path: Path, flops_per_token: float | None = None,
+                tokens_per_step: float | None = None) -> dict[str, list[Point]]:
     """The train and val loss of every logged row of metrics.csv, each with its step, tokens and FLOPs seen.
 
     Validation rows carry no tokens: they come from the train row of the same step, else from the tokens per step
-    of the last train row; FLOPs likewise, else tokens x ``flops_per_token`` (runs logged before flops_seen)."""
+    of the last train row, else ``tokens_per_step`` (a run pruned before its first train row); FLOPs likewise, else
+    tokens x ``flops_per_token`` (runs logged before flops_seen)."""
     try:
         with open(path, newline="") as f:
             rows = [{k: _parse_float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     except (OSError, csv.Error, ValueError):
         return {}
     seen: dict[int, tuple[float | None, float | None]] = {}
-    per_step = None
+    per_step = tokens_per_step
     for row in rows:  # Lightning logs the step before the optimizer step's counter moves: steps done = step + 1
         if row.get("tokens_seen") is not None and row.get("step") is not None:
             step = int(row["step"]) + 1
@@ -197,7 +199,9 @@ def load_run(path: Path) -> Run:
     else:
         run.error = _logged_error(path)
         run.status = "failed" if run.error else "unfinished"
-    run.curves = read_curves(path / "metrics.csv", run.summary.get("flops_per_token"))
+    tokens, steps = run.summary.get("tokens_seen"), run.summary.get("steps")
+    per_step = tokens / steps if is_number(tokens) and is_number(steps) and steps > 0 else None
+    run.curves = read_curves(path / "metrics.csv", run.summary.get("flops_per_token"), per_step)
     return run
 
 

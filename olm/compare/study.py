@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from olm.compare import ladder as ladders
-from olm.compare import stats
+from olm.compare import stats, trials
 from olm.compare.runs import Run, is_number
 from olm.errors import ConfigError, did_you_mean
 
@@ -27,6 +27,9 @@ DATA_KEYS = ("data.source", "data.path", "data.pattern", "data.seq_len", "data.b
 BUDGET_KEYS = ("trainer.max_steps",)
 TOKENIZER_KEYS = ("data.tokenizer", "data.tokenizer_vocab_size", "data.tokenizer_path")
 NAMED_METRICS = ("val_loss", "val_bpb", "train_loss", "tokens_per_sec")
+# A variant description longer than this is replaced by a short id (v1, v2, ...; t<N> for Optuna trials) in tables
+# and plots, with a legend table giving each id's values: long names squeeze a figure's axes and crowd its ticks.
+LONG_LABEL = 32
 UNITS = {"val_loss": "nats/token", "train_loss": "nats/token", "val_bpb": "bits/byte", "tokens_per_sec": "tokens/s"}
 
 
@@ -64,8 +67,11 @@ class Options:
 @dataclass
 class Variant:
     key: tuple[tuple[str, str], ...]
-    label: str = ""
+    label: str = ""  # what tables and plots call it: its description, or its id in a study with a legend
     runs: list[Run] = field(default_factory=list)  # every run, finished or not
+    description: str = ""  # the values that set it apart ("lr=0.003, weight_decay=0.1")
+    id: str = ""  # v1, v2, ... in order of the first run; t<N> for trial N of an Optuna study
+    trial: int | None = None
 
     def finished(self, rung: str | None = None) -> list[Run]:
         return [r for r in self.runs if r.finished and (rung is None or rung_of(r) == rung)]
@@ -144,6 +150,9 @@ class Study:
     ladder: list[VariantLadder] = field(default_factory=list)
     target_compute: float | None = None
     alpha: float = stats.ALPHA
+    legend: bool = False  # variants are labelled by their ids; legend_table() gives each id's values
+    optuna: trials.OptunaStudy | None = None
+    headline: list[str] = field(default_factory=list)  # stated before anything else (an Optuna study's best trial)
 
     @property
     def excluded(self) -> list[Run]:
@@ -195,12 +204,29 @@ def _labels(variants: list[Variant]) -> list[str]:
     names = shorts if len(set(shorts)) == len(shorts) else swept
     for variant in variants:
         given = dict(variant.key)
-        parts = [f"{name}={_fmt_value(given.get(k))}" for name, k in zip(names, swept)]
-        variant.label = ", ".join(parts) or "all runs"
+        parts = [f"{name}={fmt_value(given.get(k))}" for name, k in zip(names, swept)]
+        variant.description = variant.label = ", ".join(parts) or "all runs"
     return swept
 
 
-def _fmt_value(value: str | None) -> str:
+def _name_by_ids(study: Study) -> None:
+    """Short ids for every variant; an Optuna study's trials, and variants with a long description, go by them."""
+    for i, variant in enumerate(study.variants):
+        variant.id = f"t{variant.trial}" if variant.trial is not None else f"v{i + 1}"
+    long = any(len(v.description) > LONG_LABEL for v in study.variants)
+    study.legend = long or any(v.trial is not None for v in study.variants)
+    if study.legend:
+        for variant in study.variants:
+            variant.label = variant.id
+
+
+def legend_table(study: Study) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): each variant's id and its value of every swept key."""
+    rows = [[v.id, *[fmt_value(dict(v.key).get(k)) for k in study.swept]] for v in study.variants]
+    return ["id", *study.swept], rows
+
+
+def fmt_value(value: str | None) -> str:
     if value is None:
         return "—"
     try:
@@ -218,11 +244,15 @@ def group(runs: list[Run]) -> list[Study]:
     for study in studies.values():
         variants: dict[tuple, Variant] = {}
         rung_keys = _rung_keys(study.runs)
+        optuna = trials.identity(study.runs) is not None
         for run in study.runs:
             key = _variant_key(run, rung_keys)
-            variants.setdefault(key, Variant(key)).runs.append(run)
+            # each trial is its own variant, whether or not another trial drew the same parameters
+            trial = trials.trial_number(run) if optuna else None
+            variants.setdefault((key, trial), Variant(key, trial=trial)).runs.append(run)
         study.variants = list(variants.values())
         study.swept = _labels(study.variants)
+        _name_by_ids(study)
         study.question = next((r.config["compare.question"] for r in study.runs if r.config.get("compare.question")),
                               None)
     return list(studies.values())
@@ -302,7 +332,7 @@ def _choose_baseline(study: Study, requested: str | None) -> Variant:
 
 def _match(variants: list[Variant], spec: str) -> Variant | None:
     for variant in variants:
-        if spec == variant.label:
+        if spec in (variant.label, variant.description, variant.id):
             return variant
     wanted = []
     for part in spec.split(","):
@@ -464,6 +494,9 @@ def analyse(runs: list[Run], options: Options) -> list[Study]:
     requested_anywhere = options.metric is not None
     for study in studies:
         study.alpha = options.alpha
+        if any(v.trial is not None for v in study.variants):
+            study.optuna = trials.load(study.runs)
+            study.headline = optuna_headline(study.optuna)
         study.metrics = logged_metrics(study.runs)
         study.rungs = _rungs(study)
         if not study.metrics:
@@ -499,6 +532,31 @@ def analyse(runs: list[Run], options: Options) -> list[Study]:
         raise ConfigError("--target-compute needs a ladder experiment (runs with ladder.size set); "
                           "none of these runs is one")
     return studies
+
+
+def optuna_headline(optuna: trials.OptunaStudy) -> list[str]:
+    """The best trial (or the Pareto front) and its parameters, then what the trials came to."""
+    counts = ", ".join(f"{optuna.count(state)} {word}" for state, word in trials.WORDS.items() if optuna.count(state))
+    tally = f"{len(optuna.trials)} trials ({counts})"
+    if not optuna.best:  # the run dirs alone (no storage) give no Pareto front
+        return [f"No trial has completed yet: {tally}." if not optuna.count("COMPLETE") else
+                f"{tally}; the Pareto front needs the study's storage."]
+    if len(optuna.objectives) == 1:
+        best, = optuna.best
+        metric = optuna.objectives[0]
+        unit = f" {units(metric)}" if units(metric) else ""
+        return [f"Best trial: **{best.id}**, {metric} {best.values[0]:.4f}{unit}, of {tally}; its parameters: "
+                f"`{overrides(best.params)}`.",
+                "One run per trial: the search's best, not a tested difference (rerun it with seeds=3 for an "
+                "interval)."]
+    front = "; ".join(f"**{t.id}** (" + ", ".join(f"{v:.4g}" for v in t.values) + ")" for t in optuna.best)
+    return [f"Pareto front of {', '.join(optuna.objectives)} over {tally}: {front}; their parameters are in the "
+            "trials table."]
+
+
+def overrides(params: dict[str, Any]) -> str:
+    """Parameters as the command-line overrides that set them (full precision, as the sweeper passed them)."""
+    return " ".join(f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def _rungs(study: Study) -> list[str]:
