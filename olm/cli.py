@@ -120,6 +120,7 @@ def cmd_generate(args) -> int:
 
     from olm.generate import generate
 
+    _say_if_live(args.ckpt)
     model, tokenizer = load_model_and_tokenizer(args.ckpt, require_tokenizer=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
@@ -140,6 +141,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _say_if_live(path: str) -> None:
+    from olm.train.lock import live_note
+
+    note = live_note(path)
+    if note is not None:
+        print(note, file=sys.stderr, flush=True)
+
+
 def cmd_compare(args) -> int:
     from olm.compare import Options, write_report
 
@@ -154,9 +163,10 @@ def cmd_compare(args) -> int:
 
 def _compare_lines(study) -> str:
     """A study's verdicts in a few lines for the terminal (the tables are in the report)."""
-    from olm.compare.report import _p
+    from olm.compare.report import _p, set_aside_lines
 
     lines = [f"== {study.name}: {len(study.runs)} runs, {len(study.variants)} variants, metric {study.metric}"]
+    lines += [f"   not compared: {line[2:]}" for line in set_aside_lines(study)]
     table = study.tables.get(study.metric)
     if table is None:
         return "\n".join(lines + ["   no finished run"])
@@ -270,6 +280,7 @@ def cmd_eval(args) -> int:
 
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     tasks = resolve_tasks(names, args.include_path)  # before the model is loaded: a bad name costs nothing
+    _say_if_live(args.path)
     lm = OlmLM(path=args.path, device=args.device, batch_size=args.batch_size, dtype=args.dtype)
     results = evaluate(lm, tasks, limit=args.limit, bootstrap_iters=args.bootstrap_iters)
     for line in summary_lines(results):
