@@ -20,8 +20,8 @@ from olm.compare.runs import Run, is_number
 from olm.errors import ConfigError, did_you_mean
 
 # Override keys that do not change what a run learns (or are its seed or its ladder rung): never a variant's name.
-NOT_VARIANTS = ("paths.", "logger", "trainer.enable_progress_bar", "sample.", "export", "resume", "ckpt_path", "lock_timeout",
-                "compare.", "hydra.", "name", "sweep.")
+NOT_VARIANTS = ("paths.", "logger", "trainer.enable_progress_bar", "sample.", "export", "resume", "ckpt_path",
+                "lock_timeout", "compare.", "hydra.", "name", "sweep.")
 SEED_KEYS = ("seed", "seeds")
 # Runs that ended without a result: listed apart from the variants, a line per status.
 SET_ASIDE = ("failed", "interrupted", "pruned")
@@ -228,7 +228,8 @@ def group(runs: list[Run]) -> list[Study]:
         study.set_aside = [r for r in study.runs if r.status in SET_ASIDE]
         for run in study.runs:
             if run.status not in SET_ASIDE:
-                variants.setdefault(_variant_key(run, rung_keys), Variant(_variant_key(run, rung_keys))).runs.append(run)
+                key = _variant_key(run, rung_keys)
+                variants.setdefault(key, Variant(key)).runs.append(run)
         for run in study.set_aside:  # a seed of a variant that did not finish still counts against it, unranked;
             variant = variants.get(_variant_key(run, rung_keys))  # alone (a refused config) it makes no variant
             if variant is not None:
