@@ -10,7 +10,8 @@ Resume rules (``resume=auto``, ``resume=allow`` or ``ckpt_path``): ``resume=auto
 and is refused where there is none (a mistyped path never trains a new run); ``resume=allow`` starts the run there
 when it holds no checkpoint yet (job scripts started and restarted alike). The checkpoint must hold the same model
 as the config builds (else one ConfigError naming the differing keys, before anything is written); under
-``resume=auto`` a run dir whose record exists but holds no checkpoint is refused instead of silently started over; ``config.yaml`` and ``summary.json`` of a resumed run are
+``resume=auto`` a run dir whose record exists but holds no checkpoint is refused instead of silently started over;
+``config.yaml`` and ``summary.json`` of a resumed run are
 replaced only when the resumed run finishes. A fresh run never starts over a run dir that holds checkpoints or a
 finished run; a restarted SLURM job or torchrun worker group on a run dir holding its own checkpoint continues from it
 (olm.train.slurm).
