@@ -275,6 +275,7 @@ def train(cfg: DictConfig) -> float | None:
 
     check_run(cfg)
     check_machine(cfg)
+    check_writable(Path(cfg.paths.output_dir))
     with run_dir_lock(Path(cfg.paths.output_dir), cfg.lock_timeout):
         return _train(cfg)
 
@@ -296,7 +297,6 @@ def _train(cfg: DictConfig) -> float | None:
     sample = typed(cfg.sample, SampleConfig, "sample.")
     speed = speed_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    check_writable(run_dir)
     ckpt_path = resume_checkpoint(cfg, run_dir)
     meta = read_checkpoint_meta(ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
