@@ -54,6 +54,7 @@ def cmd_generate(args) -> int:
     from olm.checkpoint import load_model_and_tokenizer
     from olm.generate import generate
 
+    _say_if_live(args.ckpt)
     if args.tokenizer:
         tokenizer = _tokenizer_arg(args.tokenizer)
         model, _ = load_model_and_tokenizer(args.ckpt)
@@ -94,6 +95,14 @@ def _tokenizer_arg(path: str):
         raise ConfigError(f"--tokenizer {path!r}: {str(exc).splitlines()[0]}") from None
 
 
+def _say_if_live(path: str) -> None:
+    from olm.train.lock import live_note
+
+    note = live_note(path)
+    if note is not None:
+        print(note, file=sys.stderr, flush=True)
+
+
 def cmd_compare(args) -> int:
     from olm.compare import Options, write_report
 
@@ -108,9 +117,10 @@ def cmd_compare(args) -> int:
 
 def _compare_lines(study) -> str:
     """A study's verdicts in a few lines for the terminal (the tables are in the report)."""
-    from olm.compare.report import _p
+    from olm.compare.report import _p, set_aside_lines
 
     lines = [f"== {study.name}: {len(study.runs)} runs, {len(study.variants)} variants, metric {study.metric}"]
+    lines += [f"   not compared: {line[2:]}" for line in set_aside_lines(study)]
     if study.optuna is not None:  # one run per trial: the best trial says it, the report tables every trial
         return "\n".join(lines + [f"   {line.replace('**', '').replace('`', '')}" for line in study.headline])
     table = study.tables.get(study.metric)
@@ -241,6 +251,7 @@ def cmd_eval(args) -> int:
     from olm.eval.run import evaluate, flat_metrics, resolve_tasks, summary_lines
 
     tasks = resolve_tasks(names, args.include_path)  # before the model is loaded: a bad name costs nothing
+    _say_if_live(args.path)
     lm = OlmLM(path=args.path, device=args.device, batch_size=args.batch_size, dtype=args.dtype)
     results = evaluate(lm, tasks, limit=args.limit, bootstrap_iters=args.bootstrap_iters)
     for line in summary_lines(results):

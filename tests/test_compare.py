@@ -170,11 +170,19 @@ def test_crashed_and_unfinished_runs_are_listed_not_counted(planted, tmp_path):
     same = {"compare": {"experiment": "ffn", "baseline": "model.ff_multiplier=2"}}
     make_run(planted / "12", ["model.ff_multiplier=4"], None, seed=4, curve=[9.0], status=None, config=same)  # killed
     make_run(planted / "13", ["model.ff_multiplier=4"], None, seed=5, status="failed", error="loss is nan", config=same)
+    make_run(planted / "14", ["model.ff_multiplier=16"], None, seed=0, status="pruned", config=same)
+    make_run(planted / "15", ["data=text", "data.path=/nonexistent"], None, seed=0, status="failed",
+             error="data.path='/nonexistent' does not exist", config=same)
+    make_run(planted / "16", ["model.ff_multiplier=16"], None, seed=1, status="interrupted",
+             error="stopped by SIGTERM", config=same)
     write_report([planted], tmp_path / "r")
     assert variants(tmp_path / "r")["ff_multiplier=4"]["n"] == 4
+    assert not [v for v in variants(tmp_path / "r") if "16" in v or "nonexistent" in v]  # never a variant
     text = (tmp_path / "r" / "report.md").read_text()
-    assert "Left out of the statistics (not finished):" in text
-    assert "- `12`: unfinished" in text and "- `13`: failed (loss is nan)" in text
+    assert "Left out of the statistics (not finished):\n- `12`: unfinished\n" in text
+    assert ("Not compared (no result; in no variant):\n"
+            "- failed (2): `13` (loss is nan), `15` (data.path='/nonexistent' does not exist)\n"
+            "- pruned (1): `14`\n- interrupted (1): `16` (stopped by SIGTERM)\n") in text
     assert "val loss 9.0000 (last logged)" in text
     with open(tmp_path / "r" / "runs.csv") as f:
         statuses = {r["run"]: r["status"] for r in csv.DictReader(f)}

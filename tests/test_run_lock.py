@@ -213,3 +213,13 @@ def test_an_interrupted_job_is_recorded_as_interrupted(tmp_path):
         write_failed_summary(tmp_path, exc)
     assert json.loads((tmp_path / "summary.json").read_text()) == {"status": "interrupted",
                                                                    "error": "stopped by SIGINT (Ctrl-C)"}
+
+
+def test_debug_fdr_saves_no_checkpoint_export_or_evaluation(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _ = main(["model=lm_tiny", "data.tokenizer=byte", "debug=fdr", "hydra.run.dir=fdr"], monkeypatch, capsys)
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "fdr").iterdir()) == [".hydra", "config.yaml", "hparams.yaml",
+                                                                     "summary.json", "tokenizer", "train.log"]
+    summary = json.loads((tmp_path / "fdr" / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["checkpoint"] is None and not any(k.startswith("eval/") for k in summary)

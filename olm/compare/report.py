@@ -208,6 +208,16 @@ def runs_table(study: Study) -> Table:
     return header, rows
 
 
+def set_aside_lines(study: Study) -> list[str]:
+    """A line per status of the runs that ended without a result: ``- failed (2): `a` (why), `b` (why)``."""
+    lines = []
+    for status in dict.fromkeys(r.status for r in study.set_aside):
+        runs = [r for r in study.set_aside if r.status == status]
+        shown = ", ".join(f"`{r.label}`" + (f" ({r.error})" if r.error else "") for r in runs)
+        lines.append(f"- {status} ({len(runs)}): {shown}")
+    return lines
+
+
 def _md(table: Table) -> str:
     header, rows = table
     def esc(cell: str) -> str:
@@ -377,6 +387,8 @@ def _study_section(study: Study, studies: list[Study], out: Path, x: str):
     if excluded:
         md += ["Left out of the statistics (not finished):", *[
             f"- `{r.label}`: {r.status}" + (f" ({r.error})" if r.error else "") for r in excluded], ""]
+    if study.set_aside:
+        md += ["Not compared (no result; in no variant):", *set_aside_lines(study), ""]
     tables.append(("Runs", runs_table(study)))
     md += ["### Runs", "", _md(tables[-1][1]), ""]
     section_html = [f"<h2 id=\"{_anchor(study.name)}\">{html.escape(study.name)}</h2>"]
@@ -389,6 +401,9 @@ def _study_section(study: Study, studies: list[Study], out: Path, x: str):
         section_html += [f"<h3>{html.escape(title)}</h3>", _html_table(t)]
     section_html += [f"<p>{_bold(line)}</p>" for line in study.notes if line and not line.startswith("- ")]
     section_html += [f"<ul>{''.join(f'<li>{_bold(line[2:])}</li>' for line in study.notes if line.startswith('- '))}</ul>"]
+    if study.set_aside:
+        section_html.append("<p>Not compared (no result; in no variant):</p><ul>" + "".join(
+            f"<li>{html.escape(line[2:])}</li>" for line in set_aside_lines(study)) + "</ul>")
     for name, caption in figures:
         data = base64.b64encode((out / name).read_bytes()).decode()
         section_html.append(f"<figure><img alt=\"{html.escape(caption)}\" src=\"data:image/png;base64,{data}\">"
@@ -457,6 +472,9 @@ def run_records(study: Study) -> list[dict[str, Any]]:
             for key in ("num_parameters", "tokens_seen", "train_flops", "mfu"):
                 record[key] = run.summary.get(key)
             records.append(record)
+    for run in study.set_aside:
+        records.append({"study": study.name, "variant": None, "run": run.label, "seed": run.seed,
+                        "size": rung_of(run), "status": run.status, "error": run.error, "path": str(run.path)})
     return records
 
 

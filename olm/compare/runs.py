@@ -2,8 +2,8 @@
 
 A run dir is what ``olm-train`` writes (``.hydra/overrides.yaml``, ``config.yaml``, ``metrics.csv``,
 ``summary.json``); any other directory given is searched for run dirs, so a multirun dir expands to its jobs. Runs
-without a ``summary.json`` (killed, crashed, still running) are kept and marked unfinished or failed: they are
-listed in reports and left out of the statistics.
+without a ``summary.json`` (killed, crashed) are kept and marked unfinished or failed, a run whose dir a live run
+holds (olm.train.lock) is marked running: they are listed in reports and left out of the statistics.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from olm.errors import ConfigError
+from olm.train.lock import is_live
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 SKIP_DIRS = {".hydra", "checkpoints", "model", "tokenizer", "wandb", "__pycache__"}
@@ -199,6 +200,8 @@ def load_run(path: Path) -> Run:
     else:
         run.error = _logged_error(path)
         run.status = "failed" if run.error else "unfinished"
+    if is_live(path):
+        run.status, run.error = "running", None  # a run holds the dir: what it left so far is no result
     tokens, steps = run.summary.get("tokens_seen"), run.summary.get("steps")
     per_step = tokens / steps if is_number(tokens) and is_number(steps) and steps > 0 else None
     run.curves = read_curves(path / "metrics.csv", run.summary.get("flops_per_token"), per_step)

@@ -2,8 +2,10 @@
 
 A *study* is the runs of one experiment (``compare.experiment`` in their config), else of one multirun dir, else
 all loose runs together. A *variant* is the runs of a study that differ only in their seed (and, in a ladder, in
-their size). Statistics are computed over the finished runs of a variant; unfinished and failed runs are listed and
-left out.
+their size). Statistics are computed over the finished runs of a variant; its unfinished (or still running) runs
+are listed and left out. Failed, interrupted and pruned runs are listed apart, a line per status, and never ranked:
+one that shares its overrides with other runs counts as a run of that variant that did not finish, one alone (a
+refused config, a pruned trial) makes no variant.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from olm.compare.runs import Run, is_number
 from olm.errors import ConfigError, did_you_mean
 
 # Override keys that do not change what a run learns (or are its seed or its ladder rung): never a variant's name.
-NOT_VARIANTS = ("paths.", "logger", "trainer.enable_progress_bar", "sample.", "export", "resume", "ckpt_path", "lock_timeout",
-                "compare.", "hydra.", "name", "sweep.")
+NOT_VARIANTS = ("paths.", "logger", "trainer.enable_progress_bar", "sample.", "export", "resume", "ckpt_path",
+                "lock_timeout", "compare.", "hydra.", "name", "sweep.")
 SEED_KEYS = ("seed", "seeds")
+# Runs that ended without a result: listed apart from the variants, a line per status.
+SET_ASIDE = ("failed", "interrupted", "pruned")
 # Config keys that decide which tokens a run sees, in which order, and for how long.
 DATA_KEYS = ("data.source", "data.path", "data.pattern", "data.seq_len", "data.batch_size", "data.val_fraction",
              "data.val_batches", "trainer.accumulate_grad_batches", "trainer.devices", "trainer.num_nodes")
@@ -154,9 +158,12 @@ class Study:
     optuna: trials.OptunaStudy | None = None
     headline: list[str] = field(default_factory=list)  # stated before anything else (an Optuna study's best trial)
 
+    set_aside: list[Run] = field(default_factory=list)  # failed, interrupted and pruned runs: in no variant
+
     @property
     def excluded(self) -> list[Run]:
-        return [r for r in self.runs if not r.finished]
+        """The runs of its variants that did not finish (still running, or killed without a word)."""
+        return [r for v in self.variants for r in v.runs if not r.finished and r.status not in SET_ASIDE]
 
 
 def rung_of(run: Run) -> str | None:
@@ -245,11 +252,20 @@ def group(runs: list[Run]) -> list[Study]:
         variants: dict[tuple, Variant] = {}
         rung_keys = _rung_keys(study.runs)
         optuna = trials.identity(study.runs) is not None
+        study.set_aside = [r for r in study.runs if r.status in SET_ASIDE]
         for run in study.runs:
-            key = _variant_key(run, rung_keys)
-            # each trial is its own variant, whether or not another trial drew the same parameters
-            trial = trials.trial_number(run) if optuna else None
-            variants.setdefault((key, trial), Variant(key, trial=trial)).runs.append(run)
+            if optuna:  # each trial is its own variant (pruned ones too: one run each, never ranked)
+                key, trial = _variant_key(run, rung_keys), trials.trial_number(run)
+                variants.setdefault((key, trial), Variant(key, trial=trial)).runs.append(run)
+            elif run.status not in SET_ASIDE:
+                key = _variant_key(run, rung_keys)
+                variants.setdefault((key, None), Variant(key)).runs.append(run)
+        for run in [] if optuna else study.set_aside:
+            # a seed of a variant that did not finish still counts against it, unranked; alone (a refused config)
+            # it makes no variant
+            variant = variants.get((_variant_key(run, rung_keys), None))
+            if variant is not None:
+                variant.runs.append(run)
         study.variants = list(variants.values())
         study.swept = _labels(study.variants)
         _name_by_ids(study)
@@ -501,7 +517,7 @@ def analyse(runs: list[Run], options: Options) -> list[Study]:
         study.rungs = _rungs(study)
         if not study.metrics:
             study.notes.append("No finished run: nothing to compare yet.")
-            study.baseline = choose_baseline(study, options.baseline)
+            study.baseline = choose_baseline(study, options.baseline) if study.variants else None
             continue
         if requested_anywhere and options.metric not in study.metrics and len(studies) > 1:
             study.notes.append(f"--metric={options.metric} was not logged here; ranked by the default instead.")

@@ -261,6 +261,7 @@ def help_text() -> str:
         "  olm-train -m key=a,b [+experiment=NAME] ...     a sweep: one job per combination",
         "  olm-train --cfg job [overrides]                 check the run and print its config; nothing is trained",
         "  olm-train resume=auto hydra.run.dir=RUN_DIR     continue a run with its own saved config",
+        "  olm-train resume=allow hydra.run.dir=RUN_DIR    continue it if it exists, else start it there (job scripts)",
         "",
         "Config groups (group=option; the default is marked *):",
     ]

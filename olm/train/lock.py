@@ -122,7 +122,11 @@ class RunDirLocks:
         if run_dir in self.held:
             return False
         created = _missing_dirs(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"the run dir {str(run_dir)!r} cannot be created ({exc.strerror or exc}); give "
+                              "hydra.run.dir (or paths.output_dir) a writable path") from None
         path = run_dir / LOCK_NAME
         owner = holder(run_dir)
         timeout = 0.0

@@ -8,9 +8,10 @@ vocabulary filled in), ``metrics.csv``, ``summary.json``, ``checkpoints/`` (last
 
 Resume rules (``resume=auto``, ``resume=allow`` or ``ckpt_path``): ``resume=auto`` continues the run in the run dir
 and is refused where there is none (a mistyped path never trains a new run); ``resume=allow`` starts the run there
-when it holds no checkpoint yet (job scripts started and restarted alike). The checkpoint must hold the same model as the config builds (else
-one ConfigError naming the differing keys, before anything is written); a run dir whose record exists but holds no
-checkpoint is refused instead of silently started over; ``config.yaml`` and ``summary.json`` of a resumed run are
+when it holds no checkpoint yet (job scripts started and restarted alike). The checkpoint must hold the same model
+as the config builds (else one ConfigError naming the differing keys, before anything is written); under
+``resume=auto`` a run dir whose record exists but holds no checkpoint is refused instead of silently started over;
+``config.yaml`` and ``summary.json`` of a resumed run are
 replaced only when the resumed run finishes. A fresh run never starts over a run dir that holds checkpoints or a
 finished run; a restarted SLURM job or torchrun worker group on a run dir holding its own checkpoint continues from it
 (olm.train.slurm).
@@ -218,6 +219,7 @@ def train(cfg: DictConfig) -> float | None:
 
     check_run(cfg)
     check_machine(cfg)
+    check_writable(Path(cfg.paths.output_dir))
     with run_dir_lock(Path(cfg.paths.output_dir), cfg.lock_timeout):
         return _train(cfg)
 
@@ -239,7 +241,6 @@ def _train(cfg: DictConfig) -> float | None:
     sample = typed(cfg.sample, SampleConfig, "sample.")
     speed = speed_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    check_writable(run_dir)
     ckpt_path = resume_checkpoint(cfg, run_dir)
     meta = read_checkpoint_meta(ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
