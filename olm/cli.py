@@ -120,9 +120,11 @@ def _compare_lines(study) -> str:
     from olm.compare.report import _p, set_aside_lines
 
     lines = [f"== {study.name}: {len(study.runs)} runs, {len(study.variants)} variants, metric {study.metric}"]
-    lines += [f"   not compared: {line[2:]}" for line in set_aside_lines(study)]
-    if study.optuna is not None:  # one run per trial: the best trial says it, the report tables every trial
-        return "\n".join(lines + [f"   {line.replace('**', '').replace('`', '')}" for line in study.headline])
+    set_aside = [f"   not compared: {line[2:]}" for line in set_aside_lines(study)]
+    if study.optuna is not None:  # one run per trial: the best trial first, the report tables every trial
+        return "\n".join(lines + [f"   {line.replace('**', '').replace('`', '')}" for line in study.headline]
+                         + set_aside)
+    lines += set_aside
     table = study.tables.get(study.metric)
     if table is None:
         return "\n".join(lines + ["   no finished run"])

@@ -180,7 +180,7 @@ def test_crashed_and_unfinished_runs_are_listed_not_counted(planted, tmp_path):
     assert not [v for v in variants(tmp_path / "r") if "16" in v or "nonexistent" in v]  # never a variant
     text = (tmp_path / "r" / "report.md").read_text()
     assert "Left out of the statistics (not finished):\n- `12`: unfinished\n" in text
-    assert ("Not compared (no result; in no variant):\n"
+    assert ("Ended without a result (never ranked):\n"
             "- failed (2): `13` (loss is nan), `15` (data.path='/nonexistent' does not exist)\n"
             "- pruned (1): `14`\n- interrupted (1): `16` (stopped by SIGTERM)\n") in text
     assert "val loss 9.0000 (last logged)" in text

@@ -388,7 +388,7 @@ def _study_section(study: Study, studies: list[Study], out: Path, x: str):
         md += ["Left out of the statistics (not finished):", *[
             f"- `{r.label}`: {r.status}" + (f" ({r.error})" if r.error else "") for r in excluded], ""]
     if study.set_aside:
-        md += ["Not compared (no result; in no variant):", *set_aside_lines(study), ""]
+        md += ["Ended without a result (never ranked):", *set_aside_lines(study), ""]
     tables.append(("Runs", runs_table(study)))
     md += ["### Runs", "", _md(tables[-1][1]), ""]
     section_html = [f"<h2 id=\"{_anchor(study.name)}\">{html.escape(study.name)}</h2>"]
@@ -402,7 +402,7 @@ def _study_section(study: Study, studies: list[Study], out: Path, x: str):
     section_html += [f"<p>{_bold(line)}</p>" for line in study.notes if line and not line.startswith("- ")]
     section_html += [f"<ul>{''.join(f'<li>{_bold(line[2:])}</li>' for line in study.notes if line.startswith('- '))}</ul>"]
     if study.set_aside:
-        section_html.append("<p>Not compared (no result; in no variant):</p><ul>" + "".join(
+        section_html.append("<p>Ended without a result (never ranked):</p><ul>" + "".join(
             f"<li>{html.escape(line[2:])}</li>" for line in set_aside_lines(study)) + "</ul>")
     for name, caption in figures:
         data = base64.b64encode((out / name).read_bytes()).decode()
@@ -472,7 +472,10 @@ def run_records(study: Study) -> list[dict[str, Any]]:
             for key in ("num_parameters", "tokens_seen", "train_flops", "mfu"):
                 record[key] = run.summary.get(key)
             records.append(record)
+    in_variants = {id(run) for variant in study.variants for run in variant.runs}
     for run in study.set_aside:
+        if id(run) in in_variants:  # recorded with its variant above
+            continue
         records.append({"study": study.name, "variant": None, "run": run.label, "seed": run.seed,
                         "size": rung_of(run), "status": run.status, "error": run.error, "path": str(run.path)})
     return records

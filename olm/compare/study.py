@@ -252,7 +252,7 @@ def group(runs: list[Run]) -> list[Study]:
         variants: dict[tuple, Variant] = {}
         rung_keys = _rung_keys(study.runs)
         optuna = trials.identity(study.runs) is not None
-        study.set_aside = [r for r in study.runs if r.status in SET_ASIDE]
+        unfinished = [r for r in study.runs if r.status in SET_ASIDE]
         for run in study.runs:
             if optuna:  # each trial is its own variant (pruned ones too: one run each, never ranked)
                 key, trial = _variant_key(run, rung_keys), trials.trial_number(run)
@@ -260,7 +260,8 @@ def group(runs: list[Run]) -> list[Study]:
             elif run.status not in SET_ASIDE:
                 key = _variant_key(run, rung_keys)
                 variants.setdefault((key, None), Variant(key)).runs.append(run)
-        for run in [] if optuna else study.set_aside:
+        study.set_aside = unfinished  # runs that ended without a result: listed apart, a line per status
+        for run in [] if optuna else unfinished:
             # a seed of a variant that did not finish still counts against it, unranked; alone (a refused config)
             # it makes no variant
             variant = variants.get((_variant_key(run, rung_keys), None))
