@@ -9,8 +9,10 @@ cases:
     ddp     one smoke run with trainer=ddp_cpu (2 ranks over gloo)
     larger  lm_small, byte tokenizer, batch 16 x 256, 30 steps: where more threads might start to pay
 
-Each setting is one OMP_NUM_THREADS value; "unset" leaves the variable out, so torch picks its default
-(the core count) and, under DDP, Lightning picks cores // ranks (see _set_num_threads_if_needed). Cases
+Each setting is one OMP_NUM_THREADS value; "unset" leaves the variable out, so olm picks (olm.train.speed.cpu_threads:
+the cores idle at the start of a single process; under DDP, cores // ranks). `--busy N` keeps N cores busy with other
+work (a spinning process each) for the whole measurement, as a shared machine would. The `sweep` case is the README's
+smoke sweep (9 jobs, one after another in one process). Cases
 and settings are interleaved within each repeat, and the order of the settings alternates between
 repeats, so slow drift in the machine's load falls on all settings alike; an untimed run of each case
 goes first. Reported per case and setting: the median and min-max over repeats of the command's wall time
@@ -31,6 +33,7 @@ import os
 import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,12 +43,15 @@ SMOKE = ["+experiment=smoke", "logger=none"]
 LARGER = ["model=lm_small", "data.tokenizer=byte", "data.seq_len=256", "data.batch_size=16", "trainer=cpu",
           "trainer.max_steps=30", "trainer.val_check_interval=30", "logger=none", "sample.max_new_tokens=0",
           "export=false"]
+# The README's smoke sweep: 3 FFN widths x 3 seeds, one job after another in one process.
+SWEEP = ["-m", "+experiment=[ffn_multiplier,smoke]", "logger=none"]
 # case -> the override lists of the processes started together
 CASES = {
     "alone": [SMOKE],
     "pair": [SMOKE, SMOKE],
     "ddp": [SMOKE + ["trainer=ddp_cpu"]],
     "larger": [LARGER],
+    "sweep": [SWEEP],
 }
 
 
@@ -66,7 +72,8 @@ def run_case(case: str, threads: str, root: Path, index: int) -> dict:
         run_dirs.append(run_dir)
         log = open(root / f"{run_dir.name}.log", "w")
         logs.append(log)
-        cmd = [OLM_TRAIN, *overrides, f"hydra.run.dir={run_dir}"]
+        where = f"hydra.sweep.dir={run_dir}" if overrides[0] == "-m" else f"hydra.run.dir={run_dir}"
+        cmd = [OLM_TRAIN, *overrides, where]
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
     codes = [p.wait() for p in procs]
     wall = time.perf_counter() - start
@@ -76,9 +83,9 @@ def run_case(case: str, threads: str, root: Path, index: int) -> dict:
     if any(codes):
         raise SystemExit(f"{case} threads={threads} failed ({codes}); see {root}/*.log")
     train = []
-    for run_dir in run_dirs:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        train.append(summary["tokens_seen"] / summary["tokens_per_sec"])
+    for run_dir in run_dirs:  # a sweep: the sum over its jobs
+        summaries = [json.loads(p.read_text()) for p in sorted(run_dir.glob("**/summary.json"))]
+        train.append(sum(s["tokens_seen"] / s["tokens_per_sec"] for s in summaries))
     cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
     # The slowest process sets the case's training time (pair: both must finish; ddp: rank 0 reports).
     return {"wall": wall, "train": max(train), "cpu": cpu, "load": load_before}
@@ -96,9 +103,20 @@ def main() -> None:
                    help='OMP_NUM_THREADS values; "unset" omits the variable')
     p.add_argument("--ddp-unset", action=argparse.BooleanOptionalAction, default=True,
                    help="also run ddp with the variable unset (Lightning then sets cores // ranks itself)")
+    p.add_argument("--busy", type=int, default=0,
+                   help="cores kept busy by other work (a `while True: pass` process each) during every run")
     a = p.parse_args()
     if not Path(OLM_TRAIN).exists():
         raise SystemExit(f"{OLM_TRAIN} not found: run from the repository root after `make install`")
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.busy)]
+    try:
+        run_all(a)
+    finally:
+        for burner in burners:
+            burner.kill()
+
+
+def run_all(a) -> None:
 
     settings = {case: list(a.threads) for case in a.cases}
     if "ddp" in settings and a.ddp_unset and "unset" not in settings["ddp"]:
@@ -121,7 +139,7 @@ def main() -> None:
                           f"train {r['train']:6.2f} s  cpu {r['cpu']:6.1f} s  load {r['load']:.2f}",
                           flush=True)
 
-    print(f"\n{a.repeats} repeats, median (min-max); {os.cpu_count()} CPUs\n")
+    print(f"\n{a.repeats} repeats, median (min-max); {os.cpu_count()} CPUs, {a.busy} kept busy by other work\n")
     print("| case | OMP_NUM_THREADS | wall s | train s (summary) | CPU s (user+sys) | load avg before |")
     print("|---|---|---|---|---|---|")
     for case in a.cases:

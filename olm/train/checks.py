@@ -151,10 +151,13 @@ def check_machine(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.accelerator={accelerator}: this machine has no CUDA GPU that torch can use; "
                           "use trainer=cpu (one process) or trainer=ddp_cpu (several CPU processes)")
     recipe = float8_recipe(cfg.float8)
-    if recipe is not None and not on_gpu:
-        raise ConfigError(f"float8={recipe} needs a GPU with FP8 matmuls (compute capability 8.9+) and this run is "
-                          f"on the CPU (trainer.accelerator={accelerator}); set float8=false")
-    if recipe is not None and torch.cuda.get_device_capability(0) < (8, 9):
+    if recipe is not None and not on_gpu:  # torch's reference FP8 matmuls: what the tests run; said once
+        import logging
+
+        logging.getLogger("olm").warning("float8=%s on the CPU runs torch's reference FP8 matmuls: correct, and "
+                                         "slower than float8=false (FP8 pays off on GPUs of compute capability 8.9+)",
+                                         recipe)
+    elif recipe is not None and torch.cuda.get_device_capability(0) < (8, 9):
         major, minor = torch.cuda.get_device_capability(0)
         raise ConfigError(f"float8={recipe} needs a GPU with FP8 matmuls (compute capability 8.9+); "
                           f"{torch.cuda.get_device_name(0)} has {major}.{minor}; set float8=false")

@@ -102,6 +102,8 @@ def team_presets(search_path) -> dict[str, list | Exception]:
     presets: dict[str, list | Exception] = {}
     for element in search_path.get_path():
         path = str(element.path)
+        if "://" not in path:  # a plain directory (a DDP child rank's --config-path): Hydra reads it as a file tree
+            path = f"file://{path}"
         scheme, _, where = path.rpartition("://")
         if path.startswith(("pkg://", "structured://")) or os.path.realpath(where) == str(conf_dir()):
             continue  # olm's and Hydra's trees import nothing; a team's package registers through its entry point

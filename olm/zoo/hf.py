@@ -161,6 +161,11 @@ def export_family(model, family: str | None = None) -> tuple[Family, dict]:
     if getattr(model, "width_multiplier", 1.0) != 1.0:
         raise ConfigError(f"model.parametrization=mup at width multiplier {model.width_multiplier:g}: Hugging Face "
                           "architectures have no output multiplier or 1/d attention scale, so no family can express it")
+    for module in model.modules():  # a team's block has no counterpart in any family's modeling code
+        kind = getattr(type(module), "component_kind", None)
+        if kind is not None and not type(module).__module__.startswith("olm."):
+            raise ConfigError(f"{kind} {type(module).component_name!r} ({type(module).__module__}) is not one of "
+                              "olm's own components: no Hugging Face family has it")
     chosen: Family = FAMILIES[family] if family else infer_family(model)
     return chosen, chosen.to_hf(model)
 
