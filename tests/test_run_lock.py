@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from olm.errors import ConfigError
-from olm.train import cli
+from test_run_config import cli_main
 from olm.train.lock import LOCK_NAME, LOCKS, RunDirLive, holder, is_live, live_note
 
 TINY = ["model=lm_tiny", "data.tokenizer=byte", "callbacks.eval.tasks=[]", "logger=csv", "sample.max_new_tokens=0",
@@ -30,14 +30,8 @@ time.sleep(600)
 
 def main(argv, monkeypatch, capsys) -> tuple[int, str]:
     """olm-train in this process: (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["olm-train", *argv])
-    capsys.readouterr()
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    return code, capsys.readouterr().err
+    code, _, err = cli_main(argv, monkeypatch, capsys)
+    return code, err
 
 
 def wait_for(predicate, what: str, deadline: float = 180.0):
